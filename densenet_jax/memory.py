@@ -1,0 +1,56 @@
+"""Activation memory of a compiled training step, as XLA's buffer assignment reports it.
+
+`memory_efficient=True` relies on rematerialization (`jax.checkpoint`) and its optimization barriers,
+which keep XLA from merging the backward pass's recomputation with the forward pass. XLA:GPU and
+XLA:TPU keep those barriers. XLA:CPU removes them in its `cse_barrier_expander` pass and then merges
+the recomputation away, so on CPU the option saves nothing unless that pass is disabled:
+
+    XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander python train.py ...
+
+The flag must be set before JAX initializes its CPU backend (i.e. in the environment).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+KEEP_REMAT_ON_CPU_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
+
+
+def remat_is_effective(backend: str | None = None) -> bool:
+  """Whether the backend keeps rematerialization (GPU/TPU always; CPU only with the flag above)."""
+  backend = backend or jax.default_backend()
+  return backend != 'cpu' or KEEP_REMAT_ON_CPU_FLAG in os.environ.get('XLA_FLAGS', '')
+
+
+def train_step_temp_bytes(
+    model: nn.Module, batch_size: int, input_shape: Sequence[int], num_classes: int | None = None
+) -> int:
+  """Temporary memory in bytes of one compiled forward + backward pass (loss and gradients).
+
+  This is the activation memory of training: parameters, gradients and optimizer state are
+  arguments/outputs and are not counted. Nothing is executed; the step is only compiled.
+  """
+  num_classes = num_classes or model.num_classes
+  images = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+
+  def loss_and_grads(variables, images, labels):
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {**variables, 'params': params}, images, train=True, mutable=['batch_stats']
+      )
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+
+  compiled = jax.jit(loss_and_grads).lower(variables, images, labels).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
