@@ -1,0 +1,1 @@
+"""Building blocks of `densenet_jax.input_pipeline` (sources and TensorFlow preprocessing)."""
