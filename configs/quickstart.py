@@ -1,0 +1,28 @@
+"""Quick start: a small DenseNet-BC on scikit-learn's handwritten digits, offline, minutes on a CPU.
+
+    python train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+
+1,797 real 8x8 digit images ship inside scikit-learn, so this runs with no download.
+"""
+
+import ml_collections
+
+from densenet_jax import defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = defaults.get_config()
+  config.model = 'cifar_densenet'
+  config.architecture = ml_collections.ConfigDict(
+      dict(depth=16, growth_rate=12, bottleneck=True, compression=0.5)
+  )
+  config.dataset = 'digits'
+  config.augment = True
+  config.eval_split = 'test'
+  config.batch_size = 64
+  config.num_epochs = 30
+  config.lr_boundaries_epochs = (15, 23)
+  config.log_every_steps = 10
+  config.eval_every_epochs = 5
+  config.checkpoint_every_epochs = 10
+  return config

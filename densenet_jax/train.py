@@ -1,0 +1,415 @@
+"""Training and evaluation: pure steps, jit-compiled over a data-parallel mesh, and the loop around them.
+
+`train_and_evaluate(config, workdir)` trains any setup of configs/ on whatever devices JAX sees (one CPU,
+GPUs, a TPU pod), resumes exactly from WORKDIR, and writes metrics, TensorBoard events, checkpoints and
+error curves there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from densenet_jax import checkpoints, config_validation, input_pipeline, models, optim, parallel, reporting
+
+Batch = Mapping[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, input_channels: int):
+  """The config's DenseNet: a registry name, or 'cifar_densenet' with `config.architecture`."""
+  options = dict(
+      num_classes=num_classes,
+      dropout_rate=config.dropout_rate,
+      memory_efficient=config.memory_efficient,
+      dtype=jnp.dtype(config.dtype),
+      input_channels=input_channels,
+  )
+  if config.model == 'cifar_densenet':
+    return models.cifar_densenet(**config.architecture.to_dict(), **options)
+  return models.create_model(config.model, **options)
+
+
+def create_train_state(
+    rng: jax.Array, model: models.DenseNet, image_shape: tuple[int, ...], tx: optax.GradientTransformation
+) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
+  return TrainState.create(
+      apply_fn=model.apply, params=variables['params'], batch_stats=variables['batch_stats'], tx=tx
+  )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k largest logits."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure steps.
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    dropout_rng: jax.Array,
+    *,
+    learning_rate_fn: optax.Schedule,
+    accumulation_steps: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the global batch; returns the new state and batch-mean metrics.
+
+  With accumulation_steps = A > 1 the batch is processed as A sequential micro-batches (gradients
+  averaged, BatchNorm statistics per micro-batch), to reach the paper's batch size on small devices.
+  """
+  rng = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': batch_stats},
+        images,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': rng},
+    )
+    loss = cross_entropy(logits, labels).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  images, labels = batch['image'], batch['label']
+
+  if accumulation_steps == 1:
+    (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels, rng)
+    correct = top_k_correct(logits, labels, 1).mean()
+  else:
+    # Micro-batch j takes examples j, j + A, j + 2A, ...: every micro-batch is spread over all
+    # devices, since each device holds a contiguous slice of the global batch.
+    def split(x):
+      x = x.reshape(x.shape[0] // accumulation_steps, accumulation_steps, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def micro_step(carry, micro):
+      grads_sum, loss_sum, correct_sum, batch_stats = carry
+      micro_images, micro_labels, index = micro
+      (loss, (logits, batch_stats)), grads = grad_fn(
+          state.params, batch_stats, micro_images, micro_labels, jax.random.fold_in(rng, index)
+      )
+      correct = top_k_correct(logits, micro_labels, 1).mean()
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, loss_sum + loss, correct_sum + correct, batch_stats), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, 0.0, 0.0, state.batch_stats)
+    (grads, loss, correct, batch_stats), _ = jax.lax.scan(
+        micro_step, init, (split(images), split(labels), jnp.arange(accumulation_steps))
+    )
+    grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
+    loss, correct = loss / accumulation_steps, correct / accumulation_steps
+
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = {
+      'train_loss': loss,
+      'train_accuracy': correct,
+      'learning_rate': learning_rate_fn(state.step),
+      'finite': jnp.isfinite(loss),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, ten_crop: bool = False) -> dict[str, jax.Array]:
+  """Sums over the real (mask = 1) examples of a batch: loss, top-1 and top-5 correct, count.
+
+  With ten_crop, `image` is (batch, 10, H, W, C) and the logits of the ten crops are summed.
+  """
+  images, labels = batch['image'], batch['label']
+  mask = batch['mask'].astype(jnp.float32)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if ten_crop:
+    crops = images.shape[1]
+    logits = state.apply_fn(variables, images.reshape(-1, *images.shape[2:]), train=False)
+    logits = logits.reshape(images.shape[0], crops, -1).sum(axis=1)
+    loss = cross_entropy(logits / crops, labels)
+  else:
+    logits = state.apply_fn(variables, images, train=False)
+    loss = cross_entropy(logits, labels)
+  return {
+      'loss': jnp.sum(loss * mask),
+      'accuracy': jnp.sum(top_k_correct(logits, labels, 1) * mask),
+      'top5_accuracy': jnp.sum(top_k_correct(logits, labels, 5) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _StopSignal:
+  """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit at a step boundary."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    # With several processes JAX's preemption service handles SIGTERM and agrees on a step.
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:  # A second signal: the user insists.
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning('Received %s: saving a checkpoint and stopping.', signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+def _dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(data_dir=config.data_dir, image_size=config.image_size)
+
+
+def _iterator_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(**_dataset_kwargs(config), download=config.download)
+
+
+class Evaluator:
+  """Compiled evaluation over one split: every example exactly once, on every process alike."""
+
+  def __init__(self, config, mesh, state_sharding, split: str, ten_crop: bool):
+    self.config, self.mesh, self.split, self.ten_crop = config, mesh, split, ten_crop
+    self._step = jax.jit(
+        functools.partial(eval_step, ten_crop=ten_crop),
+        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+  def __call__(self, state: TrainState) -> dict[str, float]:
+    batches = input_pipeline.create_eval_iterator(
+        self.config.dataset,
+        self.split,
+        global_batch_size=self.config.batch_size,
+        ten_crop=self.ten_crop,
+        **_iterator_kwargs(self.config),
+    )
+    totals = None
+    for batch in batches:
+      sums = self._step(state, parallel.global_batch(batch, self.mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return reporting.mean_metrics(jax.device_get(totals))
+
+
+def _prefixed(metrics: Mapping[str, float], prefix: str, num_classes: int) -> dict[str, float]:
+  return {
+      f'{prefix}_{k}': v for k, v in metrics.items() if k != 'top5_accuracy' or num_classes > 5
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains and evaluates `config` in `workdir`; returns the final metrics."""
+  config_validation.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_validation.check_workdir(config, workdir)
+
+  mesh = parallel.create_mesh()
+  info = input_pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
+  config_validation.validate_against_data(config, info, jax.device_count())
+  steps_per_epoch = info.num_train_examples // config.batch_size
+  total_steps = steps_per_epoch * config.num_epochs
+
+  model = create_model(config, info.num_classes, info.image_shape[-1])
+  learning_rate_fn = optim.create_learning_rate_fn(
+      config.learning_rate, config.lr_boundaries_epochs, config.lr_decay_factor, steps_per_epoch
+  )
+  tx = optim.create_optimizer(
+      learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+  )
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  replicated = parallel.replicated(mesh)
+  abstract_state = jax.eval_shape(
+      functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx), init_rng
+  )
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state = jax.jit(
+      functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx),
+      out_shardings=state_sharding,
+  )(init_rng)
+
+  checkpointer = checkpoints.Checkpointer(
+      os.path.join(workdir, checkpoints.CHECKPOINTS_DIR), keep=config.keep_checkpoints
+  )
+  best_checkpointer = None
+  if config.keep_best_checkpoint:
+    best_checkpointer = checkpoints.Checkpointer(
+        os.path.join(workdir, checkpoints.BEST_DIR), keep=1, asynchronous=False
+    )
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
+  elif config.init_from:
+    state = _init_from(state, config.init_from, state_sharding)
+  start_step = int(jax.device_get(state.step))
+
+  compiled_train_step = jax.jit(
+      functools.partial(
+          train_step,
+          learning_rate_fn=learning_rate_fn,
+          accumulation_steps=config.gradient_accumulation_steps,
+      ),
+      in_shardings=(state_sharding, parallel.batch_sharded(mesh), replicated),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+  )
+  evaluate = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=False)
+  train_batches = input_pipeline.create_train_iterator(
+      config.dataset,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      augment=config.augment,
+      start_step=start_step,
+      **_iterator_kwargs(config),
+  )
+
+  writer = reporting.MetricWriter(workdir)
+  progress = reporting.Progress(total_steps, start_step, enabled=config.progress_bar)
+  throughput = reporting.Throughput()
+  pending: list[dict[str, jax.Array]] = []
+  best_accuracy = -1.0
+  final: dict[str, float] = {}
+  try:
+    with _StopSignal() as stop:
+      for step in range(start_step + 1, total_steps + 1):
+        batch = parallel.global_batch(next(train_batches), mesh)
+        state, metrics = compiled_train_step(state, batch, dropout_rng)
+        pending.append(metrics)
+        epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
+        preempted = stop.received is not None or (
+            jax.process_count() > 1 and checkpointer.reached_preemption(step)
+        )
+        save = preempted or step == total_steps or (
+            epoch_end and epoch % config.checkpoint_every_epochs == 0
+        )
+
+        # Metrics are fetched (and checked for NaN) before anything is evaluated or saved.
+        if save or epoch_end or step % config.log_every_steps == 0:
+          summary = _summarize_train_metrics(pending, step, steps_per_epoch)
+          summary['images_per_second'] = throughput.images_per_second(len(pending) * config.batch_size)
+          pending = []
+          writer.write(step, step / steps_per_epoch, summary)
+          progress.update(step, summary)
+
+        if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
+          final = _prefixed(evaluate(state), 'eval', info.num_classes)
+          writer.write(step, epoch, final)
+          progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
+          if best_checkpointer and final['eval_accuracy'] > best_accuracy:
+            best_accuracy = final['eval_accuracy']
+            best_checkpointer.save(step, state)
+
+        if save:
+          checkpointer.save(step, state)
+        if preempted:
+          logging.warning('Stopped at step %d; run the same command again to resume.', step)
+          return {'step': step, 'preempted': 1.0}
+  finally:
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+
+  if config.ten_crop_eval:
+    ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
+    final.update(_prefixed(ten_crop, 'eval_ten_crop', info.num_classes))
+  if best_checkpointer is not None:
+    best_state = best_checkpointer.restore(state)
+    test = Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
+    final.update({'best_step': float(best_checkpointer.latest_step()), **_prefixed(test, 'test', info.num_classes)})
+    best_checkpointer.close()
+  writer.write(total_steps, config.num_epochs, {k: v for k, v in final.items() if not k.startswith('eval_')})
+  writer.close()
+  if jax.process_index() == 0:
+    reporting.plot_error_curves(workdir)
+  return {'step': total_steps, **final}
+
+
+def _summarize_train_metrics(pending, step: int, steps_per_epoch: int) -> dict[str, float]:
+  fetched = jax.device_get(pending)
+  if not all(bool(m['finite']) for m in fetched):
+    first_bad = step - len(fetched) + 1 + [bool(m['finite']) for m in fetched].index(False)
+    raise TrainingDiverged(
+        f'The training loss became NaN or infinite at step {first_bad} (epoch '
+        f'{first_bad / steps_per_epoch:.2f}). No checkpoint was written after it; lower the learning '
+        'rate or check the data, then resume from the last checkpoint.'
+    )
+  keys = ('train_loss', 'train_accuracy')
+  summary = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+  summary['learning_rate'] = float(fetched[-1]['learning_rate'])
+  return summary
+
+
+def _init_from(state: TrainState, path: str, state_sharding) -> TrainState:
+  """Starts from another checkpoint's weights; a classifier of another shape is re-initialized."""
+  loaded = checkpoints.load_variables(path)
+  fresh = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  merged = {}
+  for collection in ('params', 'batch_stats'):
+    source = traverse_util.flatten_dict(loaded.get(collection, {}), sep='/')
+    target = traverse_util.flatten_dict(fresh[collection], sep='/')
+    for key, value in target.items():
+      if key in source and tuple(source[key].shape) == tuple(value.shape):
+        merged[key] = np.asarray(source[key], value.dtype)
+      elif key.startswith('classifier/'):
+        logging.info('init_from: new classifier %s of shape %s.', key, value.shape)
+        merged[key] = value
+      elif key not in source:
+        raise ValueError(
+            f'init_from={path} has no {collection}/{key}: it holds another architecture than '
+            f'config.model. Point init_from at weights of the same model.'
+        )
+      else:
+        raise ValueError(
+            f'init_from={path}: {collection}/{key} has shape {tuple(source[key].shape)} but the '
+            f'model needs {tuple(value.shape)}. Point init_from at weights of the same model.'
+        )
+    fresh[collection] = traverse_util.unflatten_dict(
+        {k: merged.pop(k) for k in target}, sep='/')
+
+  def place(state, params, batch_stats):
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
+
+  logging.info('Initialized the model from %s.', path)
+  return jax.jit(place, out_shardings=state_sharding)(state, fresh['params'], fresh['batch_stats'])

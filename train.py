@@ -1,0 +1,46 @@
+"""Trains a DenseNet: python train.py --config=configs/imagenet_121.py --workdir=DIR
+
+Any config field can be overridden: --config.num_epochs=10 --config.dtype=bfloat16. The same command runs on
+one CPU, several GPUs or every host of a TPU pod (see README.md); running it again with the same workdir
+resumes where the last run stopped.
+"""
+
+import logging as python_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from densenet_jax import config_validation, parallel
+from densenet_jax import train as training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and curves.', required=True)
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/quickstart.py.', lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+
+def _only_own_info_logs(record: python_logging.LogRecord) -> bool:
+  """Keeps warnings and errors of every library but the INFO chatter of ours only."""
+  package = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'densenet_jax')
+  own = record.pathname.startswith(package) or record.pathname == os.path.abspath(__file__)
+  return record.levelno >= python_logging.WARNING or own
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_only_own_info_logs)
+  parallel.maybe_initialize_distributed()
+  try:
+    final = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except config_validation.ConfigError as error:
+    print(f'Config error: {error}', file=sys.stderr)
+    sys.exit(2)
+  logging.info('Final metrics: %s', final)
+  print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in final.items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
