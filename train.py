@@ -5,14 +5,12 @@ one CPU, several GPUs or every host of a TPU pod (see README.md); running it aga
 resumes where the last run stopped.
 """
 
-import logging as python_logging
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from densenet_jax import config_validation, parallel
+from densenet_jax import config_validation, parallel, reporting
 from densenet_jax import train as training
 
 FLAGS = flags.FLAGS
@@ -21,23 +19,19 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/quick
 flags.mark_flags_as_required(['config'])
 
 
-def _only_own_info_logs(record: python_logging.LogRecord) -> bool:
-  """Keeps warnings and errors of every library but the INFO chatter of ours only."""
-  package = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'densenet_jax')
-  own = record.pathname.startswith(package) or record.pathname == os.path.abspath(__file__)
-  return record.levelno >= python_logging.WARNING or own
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_only_own_info_logs)
+  reporting.show_only_own_info_logs()
   parallel.maybe_initialize_distributed()
   try:
     final = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_validation.ConfigError as error:
     print(f'Config error: {error}', file=sys.stderr)
     sys.exit(2)
+  except training.TrainingDiverged as error:
+    print(f'Training stopped: {error}', file=sys.stderr)
+    sys.exit(1)
   logging.info('Final metrics: %s', final)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in final.items()))
 

@@ -6,6 +6,7 @@ Only process 0 writes; the other processes get a writer that does nothing.
 from __future__ import annotations
 
 import json
+import logging as python_logging
 import os
 import time
 from collections.abc import Mapping
@@ -16,6 +17,21 @@ import tqdm
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'error_curves.png'
+
+
+def show_only_own_info_logs() -> None:
+  """Keeps every library's warnings and errors on the console, but only this project's INFO lines."""
+  from absl import logging
+
+  package = os.path.dirname(os.path.abspath(__file__))
+  scripts = os.path.dirname(package)  # train.py, evaluate.py
+
+  def own_or_important(record: python_logging.LogRecord) -> bool:
+    path = os.path.abspath(record.pathname)
+    return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
+            or os.path.dirname(path) == scripts)
+
+  logging.get_absl_handler().addFilter(own_or_important)
 
 
 class MetricWriter:

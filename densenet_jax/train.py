@@ -413,3 +413,27 @@ def _init_from(state: TrainState, path: str, state_sharding) -> TrainState:
 
   logging.info('Initialized the model from %s.', path)
   return jax.jit(place, out_shardings=state_sharding)(state, fresh['params'], fresh['batch_stats'])
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, checkpoint: str, *, split: str | None = None, ten_crop: bool = False
+) -> dict[str, float]:
+  """Evaluates saved weights (a workdir, one of its checkpoints, or converted weights) on a split."""
+  config_validation.validate(config)
+  mesh = parallel.create_mesh()
+  info = input_pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
+  config_validation.validate_against_data(config, info, jax.device_count())
+  split = split or config.eval_split
+  if split not in info.eval_splits and split != 'train':
+    raise config_validation.ConfigError(f'{info.name} has no split {split!r}; it has {", ".join(info.eval_splits)}.')
+  model = create_model(config, info.num_classes, info.image_shape[-1])
+  variables = checkpoints.load_variables(checkpoint)
+  state = TrainState.create(
+      apply_fn=model.apply, params=variables['params'], batch_stats=variables.get('batch_stats', {}),
+      tx=optax.identity(),
+  )
+  state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+  state = jax.device_put(state, state_sharding)
+  metrics = Evaluator(config, mesh, state_sharding, split, ten_crop=ten_crop)(state)
+  prefix = 'eval_ten_crop' if ten_crop else 'eval'
+  return _prefixed(metrics, prefix, info.num_classes)

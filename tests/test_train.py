@@ -86,6 +86,9 @@ def test_train_and_evaluate_learns_digits_and_writes_outputs(tmp_path):
   with open(tmp_path / 'config.json') as f:
     assert json.load(f)['dataset'] == 'digits'
   assert checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == final['step']
+  # evaluate.py's path: the saved weights give the same test accuracy.
+  evaluated = training.evaluate_checkpoint(config, str(tmp_path))
+  assert evaluated['eval_accuracy'] == pytest.approx(final['eval_accuracy'])
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
@@ -233,3 +236,16 @@ def test_quickstart_reaches_97_percent_on_digits(tmp_path):
   config.progress_bar = False
   final = training.train_and_evaluate(config, str(tmp_path))
   assert final['eval_accuracy'] >= 0.97
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  # Epoch 1 trains normally and is checkpointed; at epoch 1 the learning rate jumps to 1e6.
+  config = tiny_config(num_epochs=2, lr_boundaries_epochs=(1,), lr_decay_factor=1e7)
+  with pytest.raises(training.TrainingDiverged, match=r'NaN or infinite at step \d+') as error:
+    training.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(str(error.value).split('at step ')[1].split()[0])
+  steps_per_epoch = 1437 // 32
+  assert bad_step > steps_per_epoch
+  assert checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == steps_per_epoch
+  params = final_params(str(tmp_path))
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
