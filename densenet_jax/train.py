@@ -14,7 +14,6 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,7 +22,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from densenet_jax import checkpoints, config_validation, input_pipeline, models, optim, parallel, reporting
+from densenet_jax import checkpoints, config_validation, input_pipeline, models, optim, parallel, reporting, weights
 
 Batch = Mapping[str, jax.Array]
 
@@ -282,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpointer.restore(state)
     logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
   elif config.init_from:
-    state = _init_from(state, config.init_from, state_sharding)
+    state = _init_from(state, config.init_from, model, init_rng, state_sharding)
   start_step = int(jax.device_get(state.step))
 
   compiled_train_step = jax.jit(
@@ -348,8 +347,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           return {'step': step, 'preempted': 1.0}
   finally:
     progress.close()
-    checkpointer.wait()
-    checkpointer.close()
+    try:
+      checkpointer.wait()  # Raises CheckpointWriteError if the last write failed.
+    finally:
+      checkpointer.close()
 
   if config.ten_crop_eval:
     ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
@@ -381,38 +382,15 @@ def _summarize_train_metrics(pending, step: int, steps_per_epoch: int) -> dict[s
   return summary
 
 
-def _init_from(state: TrainState, path: str, state_sharding) -> TrainState:
+def _init_from(state: TrainState, path: str, model, rng: jax.Array, state_sharding) -> TrainState:
   """Starts from another checkpoint's weights; a classifier of another shape is re-initialized."""
-  loaded = checkpoints.load_variables(path)
-  fresh = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-  merged = {}
-  for collection in ('params', 'batch_stats'):
-    source = traverse_util.flatten_dict(loaded.get(collection, {}), sep='/')
-    target = traverse_util.flatten_dict(fresh[collection], sep='/')
-    for key, value in target.items():
-      if key in source and tuple(source[key].shape) == tuple(value.shape):
-        merged[key] = np.asarray(source[key], value.dtype)
-      elif key.startswith('classifier/'):
-        logging.info('init_from: new classifier %s of shape %s.', key, value.shape)
-        merged[key] = value
-      elif key not in source:
-        raise ValueError(
-            f'init_from={path} has no {collection}/{key}: it holds another architecture than '
-            f'config.model. Point init_from at weights of the same model.'
-        )
-      else:
-        raise ValueError(
-            f'init_from={path}: {collection}/{key} has shape {tuple(source[key].shape)} but the '
-            f'model needs {tuple(value.shape)}. Point init_from at weights of the same model.'
-        )
-    fresh[collection] = traverse_util.unflatten_dict(
-        {k: merged.pop(k) for k in target}, sep='/')
+  variables = weights.replace_head(checkpoints.load_variables(path), model, rng)
 
   def place(state, params, batch_stats):
     return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
 
   logging.info('Initialized the model from %s.', path)
-  return jax.jit(place, out_shardings=state_sharding)(state, fresh['params'], fresh['batch_stats'])
+  return jax.jit(place, out_shardings=state_sharding)(state, variables['params'], variables['batch_stats'])
 
 
 def evaluate_checkpoint(

@@ -147,17 +147,20 @@ def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
 
   state = fresh_state(source, num_classes=5)
   sharding = jax.tree.map(lambda x: x.sharding, state)
-  loaded = training._init_from(state, str(tmp_path), sharding)
+  model5 = training.create_model(source, num_classes=5, input_channels=1)
+  loaded = training._init_from(state, str(tmp_path), model5, jax.random.key(5), sharding)
   np.testing.assert_array_equal(loaded.params['stem_conv']['kernel'], pretrained['params']['stem_conv']['kernel'])
   np.testing.assert_array_equal(loaded.batch_stats['final_norm']['var'],
                                 pretrained['batch_stats']['final_norm']['var'])
   assert loaded.params['classifier']['kernel'].shape[-1] == 5
-  np.testing.assert_array_equal(loaded.params['classifier']['kernel'], state.params['classifier']['kernel'])
+  # The new head is initialized as the model initializes it: same initializer, same scale.
+  assert np.all(np.asarray(loaded.params['classifier']['bias']) == 0)
 
   wider = tiny_config(architecture=ml_collections.ConfigDict(
       dict(depth=10, growth_rate=8, bottleneck=True, compression=0.5)))
-  with pytest.raises(ValueError, match=r'params/\S+ has shape \(.+\) but the model needs \(.+\)'):
-    training._init_from(fresh_state(wider, 10), str(tmp_path), sharding)
+  wider_model = training.create_model(wider, num_classes=10, input_channels=1)
+  with pytest.raises(ValueError, match=r'do not fit the model(.|\n)*stem_conv/kernel \(3, 3, 1, 8\) vs \(3, 3, 1, 16\)'):
+    training._init_from(fresh_state(wider, 10), str(tmp_path), wider_model, jax.random.key(5), sharding)
 
 
 # One real train + eval step for each dataset family, on TFDS mock data or files made here.

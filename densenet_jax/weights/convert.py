@@ -1,0 +1,500 @@
+"""Name and layout mapping: PyTorch (torchvision / timm) and Keras applications weights -> Flax variables.
+
+Every Flax leaf has exactly one source name; conversion walks the *model's* variable tree (so nothing is guessed
+from the file), checks that the file holds exactly those names with the right shapes, and transposes:
+
+| Flax | PyTorch | Keras applications |
+|---|---|---|
+| `stem_conv/kernel` (kh, kw, in, out) | `features.conv0.weight` (out, in, kh, kw) | `conv1_conv/kernel` (kh, kw, in, out) |
+| `stem_norm/{scale,bias,mean,var}` | `features.norm0.{weight,bias,running_mean,running_var}` | `conv1_bn/{gamma,beta,moving_mean,moving_variance}` |
+| `block{b}/layer{l}/norm1`, `conv1` | `features.denseblock{b}.denselayer{l}.norm1`, `conv1` | `conv{b+1}_block{l}_0_bn`, `conv{b+1}_block{l}_1_conv` |
+| `block{b}/layer{l}/norm2`, `conv2` | `...denselayer{l}.norm2`, `conv2` | `conv{b+1}_block{l}_1_bn`, `conv{b+1}_block{l}_2_conv` |
+| `transition{b}/norm`, `conv` | `features.transition{b}.norm`, `conv` | `pool{b+1}_bn`, `pool{b+1}_conv` |
+| `final_norm` | `features.norm5` | `bn` |
+| `classifier/{kernel,bias}` (in, out) | `classifier.{weight,bias}` (out, in) | `predictions/{kernel,bias}` (in, out) |
+
+Keras BatchNormalization uses epsilon 1.001e-5, this project 1e-5 (PyTorch's). Eval-mode BN computes
+(x - mean) / sqrt(var + eps), so converting var_flax = var_keras + (1.001e-5 - 1e-5) (in float64, then rounded
+to float32) gives the same denominator and the same outputs, with the model left unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from densenet_jax import models
+
+KERAS_BN_EPSILON = 1.001e-5
+_SHOWN_KEYS = 20  # names listed per category in an error message; the exception holds them all
+
+Variables = dict[str, dict[str, Any]]
+Path = tuple[str, ...]
+
+
+class WeightMismatchError(ValueError):
+  """The weights do not fit the model. `missing`, `unexpected`: source key names; `mismatched`:
+  (key, shape in the file, shape the model needs), in model order."""
+
+  def __init__(self, message: str, *, missing: list[str], unexpected: list[str],
+               mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]):
+    super().__init__(message)
+    self.missing = missing
+    self.unexpected = unexpected
+    self.mismatched = mismatched
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model's variables, in the order the network uses them.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  collection: str  # 'params' or 'batch_stats'
+  path: Path  # module path + leaf name, e.g. ('block1', 'layer1', 'norm1', 'scale')
+  shape: tuple[int, ...]
+  dtype: Any
+
+  @property
+  def module(self) -> Path:
+    return self.path[:-1]
+
+
+_TOP_RANK = {'stem_conv': (0,), 'stem_norm': (1,), 'final_norm': (3,), 'classifier': (4,)}
+_SUB_RANK = {'norm1': 0, 'conv1': 1, 'norm2': 2, 'conv2': 3, 'norm': 0, 'conv': 1}
+_LEAF_RANK = {'kernel': 0, 'scale': 0, 'bias': 1, 'mean': 2, 'var': 3}
+
+
+def _rank(path: Path) -> tuple:
+  top, *rest = path
+  match = re.fullmatch(r'(block|transition)(\d+)', top)
+  rank = [(2, int(match[2]), match[1] == 'transition') if match else _TOP_RANK[top]]
+  for part in rest[:-1]:
+    layer = re.fullmatch(r'layer(\d+)', part)
+    rank.append(int(layer[1]) if layer else _SUB_RANK[part])
+  return (*rank, _LEAF_RANK[rest[-1]])
+
+
+@functools.lru_cache(maxsize=16)
+def model_leaves(model: models.DenseNet) -> tuple[_Leaf, ...]:
+  """Every variable of `model` (shapes only, nothing is computed), stem first, classifier last."""
+  size = model.min_input_size
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, model.input_channels))))
+  leaves = []
+  for collection in ('params', 'batch_stats'):
+    flat = jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]
+    for key_path, leaf in flat:
+      path = tuple(k.key for k in key_path)
+      leaves.append(_Leaf(collection, path, tuple(leaf.shape), leaf.dtype))
+  return tuple(sorted(leaves, key=lambda leaf: _rank(leaf.path)))
+
+
+def _set(tree: dict, path: Path, value) -> None:
+  for part in path[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[path[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Source naming conventions.
+
+
+class _Format:
+  """How one framework names and lays out each Flax leaf."""
+
+  framework: str
+  layer_pattern: re.Pattern  # matches the keys of a dense layer; groups: block, layer (framework numbering)
+  block_offset: int  # framework block number - Flax block number
+
+  def key(self, path: Path) -> str:
+    raise NotImplementedError
+
+  def source_shape(self, path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape
+
+  def to_flax(self, path: Path, array: np.ndarray) -> np.ndarray:
+    return array
+
+  def flax_shape(self, path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape
+
+  def check(self, model: models.DenseNet) -> None:
+    """Raises if this naming cannot describe `model`."""
+
+  def classifier_keys(self) -> tuple[str, str]:
+    return self.key(('classifier', 'kernel')), self.key(('classifier', 'bias'))
+
+  def num_classes(self, source: Mapping[str, np.ndarray]) -> int | None:
+    kernel = source.get(self.key(('classifier', 'kernel')))
+    if kernel is None or np.ndim(kernel) != 2:
+      return None
+    return self.flax_shape(('classifier', 'kernel'), tuple(kernel.shape))[1]
+
+
+class _TorchFormat(_Format):
+  framework = 'PyTorch'
+  layer_pattern = re.compile(r'^features\.denseblock(\d+)\.denselayer(\d+)\.')
+  block_offset = 0
+  _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+  _TOP = {'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0', 'final_norm': 'features.norm5',
+          'classifier': 'classifier'}
+
+  def key(self, path: Path) -> str:
+    top, *rest, leaf = path
+    if top in self._TOP:
+      module = self._TOP[top]
+    elif top.startswith('block'):
+      module = f'features.dense{top}.dense{rest[0]}.{rest[1]}'  # block3/layer5/conv1
+    else:
+      module = f'features.{top}.{rest[0]}'  # transition2/norm
+    return f'{module}.{self._LEAVES[leaf]}'
+
+  # PyTorch convs are (out, in, kh, kw), Linear weights (out, in); Flax uses (kh, kw, in, out) and (in, out).
+  def source_shape(self, path, shape):
+    if len(shape) == 4:
+      return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(reversed(shape))
+
+  def flax_shape(self, path, shape):
+    if len(shape) == 4:
+      return (shape[2], shape[3], shape[1], shape[0])
+    return tuple(reversed(shape))
+
+  def to_flax(self, path, array):
+    if array.ndim == 4:
+      return np.transpose(array, (2, 3, 1, 0))
+    return array.T if array.ndim == 2 else array
+
+
+class _KerasFormat(_Format):
+  framework = 'Keras'
+  layer_pattern = re.compile(r'^conv(\d+)_block(\d+)_')
+  block_offset = 1
+  _LEAVES = {'kernel': 'kernel', 'scale': 'gamma', 'mean': 'moving_mean', 'var': 'moving_variance'}
+  _TOP = {'stem_conv': 'conv1_conv', 'stem_norm': 'conv1_bn', 'final_norm': 'bn', 'classifier': 'predictions'}
+  _LAYER = {'norm1': '0_bn', 'conv1': '1_conv', 'norm2': '1_bn', 'conv2': '2_conv'}
+
+  def __init__(self, epsilons: Mapping[str, float] | None = None, default_epsilon: float = KERAS_BN_EPSILON):
+    self.epsilons = dict(epsilons or {})  # per BN layer name
+    self.default_epsilon = default_epsilon
+
+  def check(self, model: models.DenseNet) -> None:
+    if not model.bottleneck or model.stem != 'imagenet':
+      raise ValueError('Keras applications only has ImageNet DenseNet-BC models; there is no Keras naming for a '
+                       f'DenseNet with {_describe(model)}.')
+
+  def layer(self, module: Path) -> str:
+    top, *rest = module
+    if top in self._TOP:
+      return self._TOP[top]
+    number = int(re.fullmatch(r'[a-z]+(\d+)', top)[1]) + self.block_offset
+    if top.startswith('block'):
+      return f'conv{number}_{rest[0].replace("layer", "block")}_{self._LAYER[rest[1]]}'
+    return f'pool{number}_{"bn" if rest[0] == "norm" else rest[0]}'
+
+  def key(self, path: Path) -> str:
+    leaf = path[-1]
+    name = ('bias' if path[0] == 'classifier' else 'beta') if leaf == 'bias' else self._LEAVES[leaf]
+    return f'{self.layer(path[:-1])}/{name}'
+
+  def to_flax(self, path, array):
+    if path[-1] != 'var':
+      return array
+    epsilon = self.epsilons.get(self.layer(path[:-1]), self.default_epsilon)
+    return np.asarray(array, np.float64) + (epsilon - models.BATCH_NORM_EPSILON)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which DenseNet a file holds.
+
+
+def _describe(model: models.DenseNet) -> str:
+  compression = f', compression={model.compression:g}' if model.compression != 1 else ''
+  return (f'{model.stem} stem with {model.stem_channels} channels, blocks {tuple(model.block_sizes)}, '
+          f'growth rate {model.growth_rate}, {"bottleneck" if model.bottleneck else "no bottleneck"}'
+          f'{compression}, {model.num_classes} classes')
+
+
+def _infer(source: Mapping[str, np.ndarray], fmt: _Format) -> tuple[str | None, models.DenseNet] | None:
+  """(registry name or None, DenseNet) for the architecture the keys and shapes describe, or None."""
+  def shape(*path):
+    array = source.get(fmt.key(path))
+    return None if array is None else fmt.flax_shape(path, tuple(array.shape))
+
+  stem = shape('stem_conv', 'kernel')
+  if stem is None or len(stem) != 4:
+    return None
+  layers: dict[int, set[int]] = {}
+  for key in source:
+    match = fmt.layer_pattern.match(key)
+    if match:
+      layers.setdefault(int(match[1]) - fmt.block_offset, set()).add(int(match[2]))
+  num_blocks = len(layers)
+  if num_blocks == 0 or sorted(layers) != list(range(1, num_blocks + 1)):
+    return None
+  block_sizes = tuple(max(layers[b]) for b in range(1, num_blocks + 1))
+  bottleneck = shape('block1', 'layer1', 'conv2', 'kernel') is not None
+  last_conv = shape('block1', 'layer1', 'conv2' if bottleneck else 'conv1', 'kernel')
+  transition = shape('transition1', 'conv', 'kernel')
+  if last_conv is None or (num_blocks > 1 and transition is None):
+    return None
+  num_classes = fmt.num_classes(source)
+  kwargs = dict(
+      block_sizes=block_sizes,
+      growth_rate=last_conv[-1],
+      stem='imagenet' if shape('stem_norm', 'scale') is not None else 'cifar',
+      stem_channels=stem[-1],
+      bottleneck=bottleneck,
+      input_channels=stem[-2],
+  )
+  for name, build in models.MODELS.items():
+    candidate = build() if num_classes is None else build(num_classes=num_classes)
+    same = all(getattr(candidate, k) == v for k, v in kwargs.items())
+    if same and (transition is None or math.floor(candidate.compression * transition[2]) == transition[3]):
+      return name, candidate
+  compression = 1.0 if transition is None else round(transition[3] / transition[2], 6)
+  num_classes = num_classes or 1000
+  return None, models.DenseNet(**kwargs, compression=compression, num_classes=num_classes)
+
+
+def _resolve_model(model, source, fmt) -> tuple[models.DenseNet, str]:
+  """The DenseNet to fill and how to name it in messages."""
+  if model is None:
+    found = _infer(source, fmt)
+    if found is None:
+      raise ValueError(
+          f'Cannot tell which DenseNet these {fmt.framework} weights belong to (no '
+          f'{fmt.key(("stem_conv", "kernel"))!r} or no dense layers named like '
+          f'{fmt.key(("block1", "layer1", "norm1", "scale"))!r}); pass the model explicitly.')
+    name, net = found
+    return net, name or f'DenseNet ({_describe(net)})'
+  if isinstance(model, str):
+    if model not in models.MODELS:
+      raise ValueError(f'Unknown model {model!r}. Valid names: {", ".join(models.MODELS)}.')
+    num_classes = fmt.num_classes(source)
+    net = models.MODELS[model]() if num_classes is None else models.create_model(model, num_classes=num_classes)
+    return net, model
+  if isinstance(model, models.DenseNet):
+    return model, f'the given DenseNet ({_describe(model)})'
+  raise TypeError(f'model must be a name from densenet_jax.models.MODELS or a DenseNet, got {type(model)}.')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The conversion itself.
+
+
+def _listing(title: str, keys: list[str]) -> str:
+  shown = ', '.join(keys[:_SHOWN_KEYS])
+  more = f', ... ({len(keys) - _SHOWN_KEYS} more)' if len(keys) > _SHOWN_KEYS else ''
+  return f'\n  {title} ({len(keys)}): {shown}{more}'
+
+
+def _mismatch_message(source_label, label, net, fmt, source, missing, unexpected, mismatched) -> str:
+  lines = [f'{fmt.framework} weights from {source_label} do not fit {label}.']
+  if mismatched:
+    key, got, want = mismatched[0]
+    lines.append(f'  First mismatching key: {key} has shape {got} in the file but {want} in the model.')
+  file_classes = fmt.num_classes(source)
+  if file_classes is not None and file_classes != net.num_classes:
+    lines.append(
+        f'  The classifier has {file_classes} outputs in the file, {net.num_classes} in the model. Convert with the file\'s number of '
+        'classes (the default when the model is given by name) and give the model a new head with '
+        'densenet_jax.weights.replace_head(variables, model, rng) to fine-tune.')
+  message = '\n'.join(lines)
+  if mismatched:
+    message += _listing('shape mismatches', [f'{k} {got} vs {want}' for k, got, want in mismatched])
+  message += _listing('missing keys', missing) + _listing('unexpected keys', unexpected)
+  found = _infer(source, fmt)
+  if found is not None:
+    name, net = found
+    message += f'\n  The file looks like {name or "a DenseNet"} ({_describe(net)}).'
+  return message
+
+
+def convert(source: Mapping[str, np.ndarray], model, fmt: _Format, source_label: str) -> Variables:
+  """Flax variables of `model` (name, DenseNet or None) from `source`, a flat {key: array} dict."""
+  net, label = _resolve_model(model, source, fmt)
+  fmt.check(net)
+  leaves = model_leaves(net)
+  if not any(key in source for key in fmt.classifier_keys()):
+    logging.warning('%s has no classifier (%s): converting the backbone only; use replace_head() to add one.',
+                    source_label, ' / '.join(fmt.classifier_keys()))
+    leaves = [leaf for leaf in leaves if leaf.module != ('classifier',)]
+  expected = {fmt.key(leaf.path): leaf for leaf in leaves}
+  missing = [key for key in expected if key not in source]
+  unexpected = [key for key in source if key not in expected]
+  mismatched = []
+  for key, leaf in expected.items():
+    want = fmt.source_shape(leaf.path, leaf.shape)
+    if key in source and tuple(np.shape(source[key])) != want:
+      mismatched.append((key, tuple(np.shape(source[key])), want))
+  if missing or unexpected or mismatched:
+    raise WeightMismatchError(
+        _mismatch_message(source_label, label, net, fmt, source, missing, unexpected, mismatched),
+        missing=missing, unexpected=unexpected, mismatched=mismatched)
+  variables: Variables = {'params': {}, 'batch_stats': {}}
+  for key, leaf in expected.items():
+    array = fmt.to_flax(leaf.path, np.asarray(source[key]))
+    _set(variables[leaf.collection], leaf.path, np.ascontiguousarray(array, dtype=leaf.dtype))
+  return variables
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PyTorch.
+
+
+def _tensor_to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # a torch.Tensor; torch itself is not imported here
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':  # numpy has no bfloat16
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+_OLD_STYLE = re.compile(r'(denselayer\d+\.(?:norm|relu|conv))\.([12])\.')
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def normalize_torch_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """torchvision-style names -> numpy arrays: strips `module.` / `_orig_mod.` prefixes, renames old-style
+  `denselayerN.norm.1` keys to `denselayerN.norm1`, drops BatchNorm's `num_batches_tracked` counters."""
+  if hasattr(state_dict, 'state_dict') and callable(state_dict.state_dict):  # a torch.nn.Module
+    state_dict = state_dict.state_dict()
+  out: dict[str, np.ndarray] = {}
+  for original, value in state_dict.items():
+    key = original
+    while key.startswith(_WRAPPER_PREFIXES):
+      key = key.split('.', 1)[1]
+    if key.endswith('.num_batches_tracked'):
+      continue
+    key = _OLD_STYLE.sub(r'\1\2.', key)
+    if key in out:
+      raise ValueError(f'Two entries of the state dict are both {key!r} once prefixes and old-style names are '
+                       f'normalized (the second is {original!r}).')
+    out[key] = _tensor_to_numpy(value)
+  return out
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], model: str | models.DenseNet | None = None, *,
+                          source_label: str = 'the state dict') -> Variables:
+  """Flax variables {'params', 'batch_stats'} (numpy float32 arrays) from a torchvision / timm DenseNet.
+
+  Args:
+    state_dict: {name: torch.Tensor or numpy array} (or a torch.nn.Module). Accepts `module.` prefixes,
+      old-style `norm.1` / `conv.1` names and ignores `num_batches_tracked`.
+    model: a registry name ('densenet121', ...; the number of classes is then read from the file's
+      classifier), a `densenet_jax.models.DenseNet` (its num_classes must match the file's), or None to infer
+      the architecture from the names and shapes.
+    source_label: how error messages name the source (readers pass the file name).
+
+  A state dict without `classifier.*` converts to variables without 'classifier' (see replace_head).
+  Raises WeightMismatchError naming the first mismatching key with both shapes and listing missing and
+  unexpected keys.
+  """
+  return convert(normalize_torch_keys(state_dict), model, _TorchFormat(), source_label)
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The inverse: torchvision-named numpy arrays (without `num_batches_tracked`) in network order."""
+  fmt = _TorchFormat()
+  out = []
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in traverse_util.flatten_dict(flax.core.unfreeze(variables.get(collection, {}))).items():
+      array = np.asarray(leaf)
+      if array.ndim == 4:
+        array = np.transpose(array, (3, 2, 0, 1))
+      elif array.ndim == 2:
+        array = array.T
+      out.append((_rank(path), fmt.key(path), np.ascontiguousarray(array)))
+  return {key: array for _, key, array in sorted(out, key=lambda item: item[0])}
+
+
+def infer_model(source: Mapping[str, Any], framework: str = 'torch') -> tuple[str | None, models.DenseNet]:
+  """(registry name or None, DenseNet) that a flat weight dict describes; framework 'torch' or 'keras'.
+
+  Raises ValueError when the keys do not look like a DenseNet.
+  """
+  fmt = {'torch': _TorchFormat, 'keras': _KerasFormat}[framework]()
+  if framework == 'torch':
+    source = normalize_torch_keys(source)
+  found = _infer(source, fmt)
+  if found is None:
+    raise ValueError(f'These {fmt.framework} weights do not look like a DenseNet '
+                     f'(no {fmt.key(("stem_conv", "kernel"))!r} or no dense layers).')
+  return found
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Keras applications.
+
+
+# keras-applications 1.0 (which made the weight files keras.applications still downloads) named the stem
+# 'conv1/conv' and 'conv1/bn' and the classifier 'fc1000'; tf.keras renamed them 'conv1_conv', 'conv1_bn',
+# 'predictions'.
+_KERAS_LAYER_ALIASES = {'fc1000': 'predictions'}
+
+
+def keras_layer_name(name: str) -> str:
+  """Today's Keras applications layer name for `name` ('conv1/conv' -> 'conv1_conv', 'fc1000' -> 'predictions')."""
+  name = name.replace('/', '_')
+  return _KERAS_LAYER_ALIASES.get(name, name)
+
+
+def _weight_name(variable) -> str:
+  # Keras 3: 'kernel'; tf.keras 2: 'conv1_conv/kernel:0'.
+  return variable.name.split('/')[-1].split(':')[0]
+
+
+def _all_layers(model) -> Iterable:
+  for layer in model.layers:
+    if hasattr(layer, 'layers'):  # a nested Model
+      yield from _all_layers(layer)
+    else:
+      yield layer
+
+
+def keras_model_weights(keras_model) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+  """{'layer/weight': array} and {bn layer: epsilon} of a Keras model."""
+  weights, epsilons = {}, {}
+  for layer in _all_layers(keras_model):
+    name = keras_layer_name(layer.name)
+    for variable in layer.weights:
+      value = variable.numpy() if hasattr(variable, 'numpy') else np.asarray(variable)
+      weights[f'{name}/{_weight_name(variable)}'] = np.asarray(value)
+    if hasattr(layer, 'moving_variance'):
+      epsilons[name] = float(layer.epsilon)
+  return weights, epsilons
+
+
+def from_keras(source, model: str | models.DenseNet | None = None, *,
+               epsilon: float | Mapping[str, float] = KERAS_BN_EPSILON,
+               source_label: str | None = None) -> Variables:
+  """Flax variables from a Keras applications DenseNet121 / 169 / 201.
+
+  Args:
+    source: a Keras model, or {'layer_name/weight_name': array} (weight names gamma, beta, moving_mean,
+      moving_variance, kernel, bias), e.g. from `densenet_jax.weights.read_keras_file`.
+    model: as in from_torch_state_dict (a name, a DenseNet or None to infer).
+    epsilon: the BatchNorm epsilon of the Keras layers (1.001e-5 in Keras applications), or one per layer name;
+      ignored for a Keras model, whose layers say it themselves. It is folded into the running variance.
+  """
+  epsilons, default = (dict(epsilon), KERAS_BN_EPSILON) if isinstance(epsilon, Mapping) else ({}, epsilon)
+  if hasattr(source, 'layers'):
+    source_label = source_label or f'the Keras model {source.name!r}'
+    source, epsilons = keras_model_weights(source)
+  source_label = source_label or 'the weights dict'
+  source = {key: np.asarray(value) for key, value in source.items()}
+  return convert(source, model, _KerasFormat(epsilons, float(default)), source_label)
