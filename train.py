@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from densenet_jax import config_validation, parallel, reporting
+from densenet_jax import checkpoints, config_validation, input_pipeline, parallel, reporting
 from densenet_jax import train as training
 
 FLAGS = flags.FLAGS
@@ -32,9 +32,18 @@ def main(argv):
   except training.TrainingDiverged as error:
     print(f'Training stopped: {error}', file=sys.stderr)
     sys.exit(1)
+  except FileNotFoundError as error:  # A dataset not prepared, a missing image folder or init_from.
+    print(f'Error: {error}', file=sys.stderr)
+    sys.exit(2)
+  except input_pipeline.BadImageError as error:
+    print(f'Data error: {error}', file=sys.stderr)
+    sys.exit(2)
+  except checkpoints.CheckpointWriteError as error:
+    print(f'Checkpoint error: {error}', file=sys.stderr)
+    sys.exit(1)
   logging.info('Final metrics: %s', final)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in final.items()))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_validation.parse_flags)

@@ -5,13 +5,17 @@ Layout of a workdir:
                                   batch_stats, opt_state)
     WORKDIR/best/<step>/          with keep_best_checkpoint: the state with the best eval accuracy
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run killed
-while saving leaves no half-written checkpoint behind: the next start resumes from the last complete one.
+Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames it
+when complete, so a run killed while saving leaves no half-written checkpoint behind: the next start warns
+about the temporary directory, deletes it, and resumes from the last complete checkpoint. A failed write
+(full disk, lost mount) raises CheckpointWriteError; it never deletes the complete checkpoints.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -20,24 +24,103 @@ from absl import logging
 
 CHECKPOINTS_DIR = 'checkpoints'
 BEST_DIR = 'best'
+INCOMPLETE_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint whose write did not finish
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed (full disk, lost mount, permissions); the message says where and why."""
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in `directory`, read from the disk."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (orbax re-raises errors of its background threads, sometimes wrapped)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 class Checkpointer:
-  """Saves and restores training states of one directory (a thin layer over CheckpointManager)."""
+  """Saves and restores training states of one directory (a thin layer over CheckpointManager).
+
+  Opening one deletes the unfinished checkpoints of a crashed run (with a warning), so do not open it on
+  the workdir of a run in progress; read such a workdir with load_variables.
+  """
 
   def __init__(self, directory: str, *, keep: int, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
+    self._saving: int | None = None  # the step being written in the background
+    self._failed = False
+    incomplete = self._incomplete_checkpoints()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+        max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
+        # Orbax keeps unfinished temporary directories unless told, and a new save of the same step
+        # would collide with them. Only when there are some: the deletion runs in a background thread.
+        cleanup_tmp_directories=bool(incomplete),
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    if incomplete:
+      latest = self._manager.latest_step()
+      resume = (f'resuming from step {latest}' if latest is not None
+                else 'no complete checkpoint is left, starting from scratch')
+      logging.warning(
+          'Ignoring and deleting incomplete checkpoint(s) %s in %s: a run stopped while writing them '
+          '(killed, out of memory or out of disk); %s.',
+          ', '.join(incomplete), self.directory, resume,
+      )
+
+  def _incomplete_checkpoints(self) -> list[str]:
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(name for name in os.listdir(self.directory) if INCOMPLETE_MARKER in name)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def _raise_if_write_error(self, step: int | None, error: BaseException) -> None:
+    """Raises CheckpointWriteError from `error` when an OSError (disk full, lost mount) caused it."""
+    cause = _os_error_in(error)
+    if cause is None:
+      return
+    self._failed = True
+    what = 'the disk is full' if cause.errno in (errno.ENOSPC, errno.EDQUOT) else 'the write failed'
+    steps = complete_steps(self.directory)
+    kept = (f'The complete checkpoints there (steps {", ".join(map(str, steps))}) are untouched; '
+            f'free space or fix the directory, then run the same command again to resume from step '
+            f'{steps[-1]}.' if steps else
+            'There is no complete checkpoint there yet; free space or fix the directory and start again.')
+    raise CheckpointWriteError(
+        f'Could not write checkpoint {step if step is not None else "?"} in {self.directory}: {what} '
+        f'({cause}). {kept}'
+    ) from error
+
   def save(self, step: int, state: Any) -> None:
-    """Starts writing `state` as checkpoint `step` (returns before the write ends when asynchronous)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts writing `state` as checkpoint `step` (returns before the write ends when asynchronous).
+
+    Raises CheckpointWriteError if this write, or the previous one still running in the background,
+    fails; older complete checkpoints are kept (they are only deleted after a newer one is complete).
+    """
+    try:
+      self._manager.wait_until_finished()  # Report a failed background write under its own step.
+    except Exception as error:  # pylint: disable=broad-except
+      self._raise_if_write_error(self._saving, error)
+      raise
+    self._saving = step
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as error:  # pylint: disable=broad-except
+      self._raise_if_write_error(step, error)
+      raise
 
   def restore(self, template: Any, step: int | None = None) -> Any:
     """Restores checkpoint `step` (default: latest) with the structure, dtypes and shardings of `template`."""
@@ -50,17 +133,43 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the background write ends; raises CheckpointWriteError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      self._raise_if_write_error(self._saving, error)
+      raise
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as error:  # pylint: disable=broad-except
+      if self._failed:  # Already reported by save() or wait().
+        return
+      self._raise_if_write_error(self._saving, error)
+      raise
 
 
-def save_variables(path: str, variables: dict[str, Any]) -> None:
-  """Writes {'params': ..., 'batch_stats': ...} as a standalone checkpoint (atomically)."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), variables)
-  checkpointer.wait_until_finished()
+def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
+                   overwrite: bool = False) -> str:
+  """Writes {'params', 'batch_stats'} as a standalone orbax checkpoint (atomically); returns its path.
+
+  `metadata` (JSON-serializable: model name, source file, ...) is stored as the checkpoint's custom metadata.
+  An existing directory is an error unless `overwrite`.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} already exists; choose another output directory or overwrite it.')
+  tree = {c: jax.device_get(variables.get(c, {})) for c in ('params', 'batch_stats')}
+  with ocp.StandardCheckpointer() as checkpointer:  # Leaving the block waits for the save to finish.
+    checkpointer.save(path, tree, force=overwrite, custom_metadata=dict(metadata or {}))
+  return path
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+  """The custom metadata stored by save_variables (model, num_classes, source, ...), or {}."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return dict(checkpointer.metadata(os.path.abspath(path)).custom_metadata or {})
 
 
 def load_variables(path: str) -> dict[str, Any]:

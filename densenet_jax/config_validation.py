@@ -9,9 +9,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
+import sys
 
 import jax
 import ml_collections
+from absl import flags
 
 from densenet_jax import defaults, input_pipeline, models
 
@@ -22,6 +25,34 @@ ARCHITECTURE_FIELDS = {'depth': int, 'growth_rate': int, 'bottleneck': bool, 'co
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the field and the fix."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Flags parser for absl's app.run: an override of a field the config lacks (a typo such as
+  --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:  # absl's own message for a malformed flag value.
+    print(f'FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.',
+          file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as error:
+    # ml_collections rejects the unknown field while parsing, as KeyError("'name'\nDid you mean ...").
+    text = error
+    while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(message))
+      text = text.args[0]
+    match = re.match(r"\W*(\w+)'?\s*(Did you mean .*)?", str(text), re.DOTALL)
+    if match is None:
+      raise
+    field, hint = match.group(1), match.group(2)
+    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
+    culprit = next((arg for arg in overrides if field in arg[len('--config.'):].split('.')), None)
+    if culprit is None:
+      raise
+    hint = f' {hint.strip()}' if hint else ''
+    print(f'Config error: {culprit}: the config has no field {field!r}.{hint} The fields, with their '
+          'meaning, are listed in densenet_jax/defaults.py.', file=sys.stderr)
+    sys.exit(2)
 
 
 def _check_known_fields(config: ml_collections.ConfigDict) -> None:

@@ -71,6 +71,10 @@ def _hide_gpus_from_tensorflow():
 _hide_gpus_from_tensorflow()
 
 
+class BadImageError(ValueError):
+  """An image file that cannot be decoded; the message lists the files (bad files are fatal)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the model and the training loop need to know about a dataset."""
@@ -235,7 +239,7 @@ def _numpy_batches(ds: tf.data.Dataset, keep_alive=(), locate_bad_files: Callabl
       if not bad:
         raise
       listing = '\n'.join(f'  {path}: {error}' for path, error in bad)
-      raise ValueError(
+      raise BadImageError(
           f'Could not decode {len(bad)} image file(s):\n{listing}\nBad files are fatal (skipping them would change '
           'the batches and the evaluation set): delete or re-encode them.'
       ) from e

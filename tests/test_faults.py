@@ -1,0 +1,165 @@
+"""What the user sees when things go wrong: bad configs, crashes while saving, full disks, preemption.
+
+docs/faults.md lists every failure with what the program does and what the user does.
+"""
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+from orbax.checkpoint._src.path import atomicity
+
+from densenet_jax import checkpoints, input_pipeline, optim, reporting
+from densenet_jax import train as training
+from tests.test_train import tiny_config
+from tests.test_train_processes import ROOT
+
+BATCH_SIZE = 128
+STEPS_PER_EPOCH = 1437 // BATCH_SIZE  # digits' training split
+
+
+BAD_SETUPS = {  # what the message must name: (overrides, environment)
+    'lr_boundaries_epochs': (['--config.lr_boundaries_epochs=(100,)'], {}),
+    'batch_sise': (['--config.batch_sise=3'], {}),  # a typo, rejected while the flags are parsed
+    'batch_size': (['--config.batch_size=63'], {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}),
+    'tfds build cifar10': (['--config.dataset=cifar10', '--config.data_dir=/nonexistent/tfds',
+                            '--config.lr_boundaries_epochs=()'], {}),  # data not prepared
+}
+
+
+def _image_folder_with_a_corrupt_file(root):
+  for split in ('train', 'val'):
+    for label in ('a', 'b'):
+      os.makedirs(root / split / label)
+      for i in range(4):
+        image = np.full((36, 36, 3), 40 * i, np.uint8)
+        with open(root / split / label / f'{i}.png', 'wb') as f:
+          f.write(tf_encode_png(image))
+  (root / 'train' / 'b' / '3.png').write_bytes(b'not an image')
+
+
+def tf_encode_png(image):
+  import tensorflow as tf
+
+  return tf.io.encode_png(image).numpy()
+
+
+def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback(tmp_path):
+  _image_folder_with_a_corrupt_file(tmp_path / 'images')
+  setups = {**BAD_SETUPS, 'Could not decode': ([
+      '--config.dataset=image_folder', f'--config.data_dir={tmp_path / "images"}', '--config.image_size=32',
+      '--config.eval_split=val', '--config.batch_size=8', '--config.augment=False'], {})}
+  processes = {  # All at once: each spends its few seconds importing, then fails before compiling.
+      name: subprocess.Popen(
+          [sys.executable, 'train.py', '--config=configs/quickstart.py', f'--workdir={tmp_path / str(i)}',
+           *flags],
+          cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, text=True,
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+      for i, (name, (flags, env)) in enumerate(setups.items())
+  }
+  messages = {}
+  for i, (name, process) in enumerate(processes.items()):
+    stdout, messages[name] = process.communicate(timeout=300)
+    assert process.returncode == 2, (name, messages[name][-3000:])
+    assert name in messages[name], messages[name]
+    assert 'Traceback' not in stdout + messages[name]
+    assert not checkpoints.complete_steps(str(tmp_path / str(i) / 'checkpoints'))
+  for name in ('lr_boundaries_epochs', 'batch_sise', 'batch_size'):
+    assert messages[name].startswith('Config error:'), messages[name]
+  assert 'Did you mean "batch_size"' in messages['batch_sise']
+
+
+def _complete_steps(workdir):
+  return checkpoints.complete_steps(str(workdir / 'checkpoints'))
+
+
+def _initial_state(config):
+  """The state train_and_evaluate starts `config` from, built without training."""
+  model = training.create_model(config, num_classes=10, input_channels=1)
+  schedule = optim.create_learning_rate_fn(config.learning_rate, config.lr_boundaries_epochs,
+                                           config.lr_decay_factor, STEPS_PER_EPOCH)
+  tx = optim.create_optimizer(schedule, momentum=config.momentum, nesterov=config.nesterov,
+                              weight_decay=config.weight_decay)
+  return jax.jit(lambda key: training.create_train_state(key, model, (8, 8, 1), tx))(jax.random.key(0))
+
+
+def test_a_checkpoint_left_incomplete_by_a_crash_is_ignored_with_a_warning(tmp_path, caplog):
+  config = tiny_config(num_epochs=2, lr_boundaries_epochs=(), batch_size=BATCH_SIZE)
+  directory = tmp_path / 'checkpoints'
+  last = 2 * STEPS_PER_EPOCH
+  # A run that completed checkpoint 11 and was killed (kill -9) while writing checkpoint 22: orbax
+  # leaves the temporary directory, half full.
+  state = _initial_state(config)
+  writer = checkpoints.Checkpointer(str(directory), keep=3, asynchronous=False)
+  writer.save(STEPS_PER_EPOCH, state.replace(step=STEPS_PER_EPOCH))
+  writer.save(last, state.replace(step=last))
+  writer.close()
+  incomplete = directory / f'{last}{checkpoints.INCOMPLETE_MARKER}'
+  os.rename(directory / str(last), incomplete)
+  for root, _, files in os.walk(incomplete):
+    for name in files[::2]:
+      os.remove(os.path.join(root, name))
+  assert checkpoints.complete_steps(str(directory)) == [STEPS_PER_EPOCH]
+
+  with caplog.at_level(logging.WARNING):
+    final = training.train_and_evaluate(config, str(tmp_path))
+  assert incomplete.name in caplog.text and str(directory) in caplog.text
+  assert f'resuming from step {STEPS_PER_EPOCH}' in caplog.text
+  assert final['step'] == last and np.isfinite(final['eval_loss'])
+  assert sorted(os.listdir(directory)) == sorted([str(STEPS_PER_EPOCH), str(last)])  # tmp deleted
+  trained = [r['step'] for r in reporting.read_metrics(str(tmp_path)) if 'train_loss' in r]
+  assert trained[0] > STEPS_PER_EPOCH and trained[-1] == last
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
+  # keep_checkpoints=1: the good checkpoint would be deleted if a failed save counted as done.
+  config = tiny_config(num_epochs=2, lr_boundaries_epochs=(), keep_checkpoints=1, batch_size=BATCH_SIZE)
+  bad = f'{2 * STEPS_PER_EPOCH}{checkpoints.INCOMPLETE_MARKER}'
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def full_disk(self, *args, **kwargs):
+    if bad in str(self.get()):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+    return await finalize(self, *args, **kwargs)
+
+  with mock.patch.object(atomicity.AtomicRenameTemporaryPath, 'finalize', full_disk):
+    with pytest.raises(checkpoints.CheckpointWriteError) as error:
+      training.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert 'disk is full' in message and str(tmp_path / 'checkpoints') in message
+  assert f'checkpoint {2 * STEPS_PER_EPOCH}' in message and f'from step {STEPS_PER_EPOCH}' in message
+  assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
+  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1)
+  assert checkpointer.latest_step() == STEPS_PER_EPOCH
+  checkpointer.close()
+  params = checkpoints.load_variables(str(tmp_path))['params']
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
+  # tests/test_train_processes.py sends SIGTERM to train.py and checks the exact resume; here the
+  # run sends itself a real SIGINT (Ctrl-C) after its third batch.
+  create_train_iterator = input_pipeline.create_train_iterator
+
+  def interrupted_after_three_batches(*args, **kwargs):
+    for i, batch in enumerate(create_train_iterator(*args, **kwargs)):
+      if i == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=BATCH_SIZE)
+  handler = signal.getsignal(signal.SIGINT)
+  with mock.patch.object(input_pipeline, 'create_train_iterator', interrupted_after_three_batches), \
+       caplog.at_level(logging.WARNING):
+    final = training.train_and_evaluate(config, str(tmp_path))
+  assert final == {'step': 4, 'preempted': 1.0}
+  assert 'Received SIGINT' in caplog.text
+  assert _complete_steps(tmp_path) == [4]
+  assert signal.getsignal(signal.SIGINT) is handler  # given back after the run
