@@ -19,6 +19,17 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/quick
 flags.mark_flags_as_required(['config'])
 
 
+# Failures the user can act on: one paragraph and an exit code, no traceback. 2: fix the input; 1: the run
+# stopped (its complete checkpoints are kept).
+FAILURES = {
+    config_validation.ConfigError: ('Config error', 2),
+    training.TrainingDiverged: ('Training stopped', 1),
+    FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder or init_from.
+    input_pipeline.BadImageError: ('Data error', 2),
+    checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
+}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -26,21 +37,10 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   try:
     final = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except config_validation.ConfigError as error:
-    print(f'Config error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except training.TrainingDiverged as error:
-    print(f'Training stopped: {error}', file=sys.stderr)
-    sys.exit(1)
-  except FileNotFoundError as error:  # A dataset not prepared, a missing image folder or init_from.
-    print(f'Error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except input_pipeline.BadImageError as error:
-    print(f'Data error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except checkpoints.CheckpointWriteError as error:
-    print(f'Checkpoint error: {error}', file=sys.stderr)
-    sys.exit(1)
+  except tuple(FAILURES) as error:
+    label, exit_code = next(v for k, v in FAILURES.items() if isinstance(error, k))
+    print(f'{label}: {error}', file=sys.stderr)
+    sys.exit(exit_code)
   logging.info('Final metrics: %s', final)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in final.items()))
 
