@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax import memory
+from densenet_jax import layers, memory
 
 Array = jax.Array
 Dtype = Any
@@ -51,8 +51,9 @@ class _Layers(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def norm(self, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
+  def norm_relu(self, name: str) -> layers.BatchNormReLU:
+    # Every BatchNorm of DenseNet is followed by a ReLU; the pair is one module (see layers.py).
+    return layers.BatchNormReLU(
         momentum=BATCH_NORM_MOMENTUM,
         epsilon=BATCH_NORM_EPSILON,
         dtype=self.dtype,
@@ -63,6 +64,8 @@ class _Layers(nn.Module):
   def conv(self, features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
     # Symmetric padding (kernel // 2 on every side), as in Torch; 'SAME' differs on even inputs.
     pad = kernel // 2
+    # 1x1 convolutions as matrix products (layers.py); the others are XLA's convolutions.
+    fast_conv = layers.pointwise_conv if kernel == 1 and stride == 1 else None
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -73,15 +76,16 @@ class _Layers(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=name,
+        conv_general_dilated=fast_conv,
     )
 
 
 class DenseLayer(_Layers):
   """One layer of a dense block: reads all earlier feature maps, adds `growth_rate` new ones.
 
-  The input is the *list* of feature maps of the block so far, not their concatenation: the
-  concatenation happens inside the layer, so with `memory_efficient=True` it is recomputed in the
-  backward pass instead of being stored once per layer.
+  The input is the *list* of feature maps of the block so far (and, in training, their batch
+  moments), not their concatenation: the layer normalizes and concatenates them in one pass, and
+  with `memory_efficient=True` that pass is recomputed in the backward pass instead of stored.
   """
 
   growth_rate: int = 12
@@ -90,42 +94,40 @@ class DenseLayer(_Layers):
   memory_efficient: bool = False
 
   def setup(self):
+    self.norm1 = self.norm_relu('norm1')
     if self.bottleneck:
-      self.norm1 = self.norm('norm1')
       self.conv1 = self.conv(BOTTLENECK_WIDTH * self.growth_rate, 1, 'conv1')
-      self.norm2 = self.norm('norm2')
+      self.norm2 = self.norm_relu('norm2')
       self.conv2 = self.conv(self.growth_rate, 3, 'conv2')
     else:
-      self.norm1 = self.norm('norm1')
       self.conv1 = self.conv(self.growth_rate, 3, 'conv1')
     self.dropout = nn.Dropout(self.dropout_rate)
 
-  def __call__(self, features: Sequence[Array], train: bool) -> Array:
+  def __call__(
+      self, features: Sequence[Array], batch_moments: Sequence[layers.Moments] | None, train: bool
+  ) -> Array:
     layer = _dense_layer
     if self.memory_efficient:
-      # Keep only conv outputs for the backward pass and recompute concat, BN and ReLU from the
-      # layer inputs (which the block keeps alive anyway): linear instead of quadratic memory.
+      # Keep only conv outputs for the backward pass and recompute the normalized concatenation
+      # from the layer inputs (which the block keeps alive anyway): linear instead of quadratic memory.
       layer = nn.remat(
           layer,
-          static_argnums=(2,),
+          static_argnums=(3,),
           policy=jax.checkpoint_policies.save_only_these_names(_BOTTLENECK_OUTPUT),
       )
-    return layer(self, tuple(features), train)
+    return layer(self, tuple(features), batch_moments and tuple(batch_moments), train)
 
 
 _BOTTLENECK_OUTPUT = 'dense_layer_bottleneck_output'
 
 
-def _dense_layer(layer: DenseLayer, features: tuple[Array, ...], train: bool) -> Array:
-  x = jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
-  x = layer.norm1(x, use_running_average=not train)
-  x = nn.relu(x)
+def _dense_layer(layer: DenseLayer, features, batch_moments, train: bool) -> Array:
+  x = layer.norm1(features, train, batch_moments)
   x = layer.conv1(x)
   x = layer.dropout(x, deterministic=not train)
   if layer.bottleneck:
     x = checkpoint_name(x, _BOTTLENECK_OUTPUT)
-    x = layer.norm2(x, use_running_average=not train)
-    x = nn.relu(x)
+    x = layer.norm2([x], train)
     x = layer.conv2(x)
     x = layer.dropout(x, deterministic=not train)
   return x
@@ -143,6 +145,8 @@ class DenseBlock(_Layers):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     features = [x]
+    # A channel's batch statistics are the same for every layer that reads it: compute them once.
+    batch_moments = [layers.moments(x)] if train else None
     for i in range(self.num_layers):
       new = DenseLayer(
           growth_rate=self.growth_rate,
@@ -152,8 +156,10 @@ class DenseBlock(_Layers):
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name=f'layer{i + 1}',
-      )(features, train)
+      )(features, batch_moments, train)
       features.append(new)
+      if train:
+        batch_moments.append(layers.moments(new))
     return jnp.concatenate(features, axis=-1)
 
 
@@ -165,11 +171,13 @@ class Transition(_Layers):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = self.norm('norm')(x, use_running_average=not train)
-    x = nn.relu(x)
-    x = self.conv(self.out_channels, 1, 'conv')(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = self.norm_relu('norm')([x], train)
+    conv = self.conv(self.out_channels, 1, 'conv')
+    if self.dropout_rate:
+      x = nn.Dropout(self.dropout_rate)(conv(x), deterministic=not train)
+      return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    # A 1x1 convolution and average pooling commute: pooling first does a quarter of the matmul.
+    return conv(nn.avg_pool(x, (2, 2), strides=(2, 2)))
 
 
 Stem = Literal['cifar', 'imagenet']
@@ -245,8 +253,7 @@ class DenseNet(_Layers):
 
     if self.stem == 'imagenet':
       x = self.conv(self.stem_channels, 7, 'stem_conv', stride=2)(x)
-      x = self.norm('stem_norm')(x, use_running_average=not train)
-      x = nn.relu(x)
+      x = self.norm_relu('stem_norm')([x], train)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       x = self.conv(self.stem_channels, 3, 'stem_conv')(x)
@@ -269,8 +276,7 @@ class DenseNet(_Layers):
             **shared,
         )(x, train)
 
-    x = self.norm('final_norm')(x, use_running_average=not train)
-    x = nn.relu(x)
+    x = self.norm_relu('final_norm')([x], train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(
         self.num_classes,

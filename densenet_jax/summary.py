@@ -61,7 +61,9 @@ def summarize(model: models.DenseNet, input_shape: Sequence[int] | None = None) 
     if context.method_name != '__call__':
       return out
     module = context.module
-    if isinstance(module, nn.Conv):
+    if isinstance(module, nn.Conv) and isinstance(module.parent, models.Transition):
+      pass  # Counted with its Transition below.
+    elif isinstance(module, nn.Conv):
       in_channels = args[0].shape[-1] // module.feature_group_count
       multiply_adds += math.prod(out.shape[1:]) * math.prod(module.kernel_size) * in_channels
     elif isinstance(module, nn.Dense):
@@ -72,6 +74,9 @@ def summarize(model: models.DenseNet, input_shape: Sequence[int] | None = None) 
         stages.append(Stage('stem', tuple(args[0].shape[1:])))
       stages.append(Stage(module.name, tuple(out.shape[1:])))
     elif isinstance(module, models.Transition):
+      # The usual convention (and the paper's): the 1x1 conv at the transition's input resolution.
+      # The implementation pools first and does a quarter of these (docs/performance.md).
+      multiply_adds += math.prod(args[0].shape[1:]) * out.shape[-1]
       stages.append(Stage(module.name, tuple(out.shape[1:])))
     return out
 

@@ -8,10 +8,9 @@ error curves there.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -20,15 +19,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 
 from densenet_jax import checkpoints, config_validation, input_pipeline, models, optim, parallel, reporting, weights
-
-Batch = Mapping[str, jax.Array]
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
+# The pure steps live in steps.py (importable without TensorFlow); they are part of this module's API.
+from densenet_jax.steps import TrainState, create_train_state, eval_step, train_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,121 +41,6 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, input_chan
   if config.model == 'cifar_densenet':
     return models.cifar_densenet(**config.architecture.to_dict(), **options)
   return models.create_model(config.model, **options)
-
-
-def create_train_state(
-    rng: jax.Array, model: models.DenseNet, image_shape: tuple[int, ...], tx: optax.GradientTransformation
-) -> TrainState:
-  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
-  return TrainState.create(
-      apply_fn=model.apply, params=variables['params'], batch_stats=variables['batch_stats'], tx=tx
-  )
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k largest logits."""
-  k = min(k, logits.shape[-1])
-  _, top = jax.lax.top_k(logits, k)
-  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure steps.
-
-
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    dropout_rng: jax.Array,
-    *,
-    learning_rate_fn: optax.Schedule,
-    accumulation_steps: int = 1,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the global batch; returns the new state and batch-mean metrics.
-
-  With accumulation_steps = A > 1 the batch is processed as A sequential micro-batches (gradients
-  averaged, BatchNorm statistics per micro-batch), to reach the paper's batch size on small devices.
-  """
-  rng = jax.random.fold_in(dropout_rng, state.step)
-
-  def loss_fn(params, batch_stats, images, labels, rng):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': batch_stats},
-        images,
-        train=True,
-        mutable=['batch_stats'],
-        rngs={'dropout': rng},
-    )
-    loss = cross_entropy(logits, labels).mean()
-    return loss, (logits, updates['batch_stats'])
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  images, labels = batch['image'], batch['label']
-
-  if accumulation_steps == 1:
-    (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels, rng)
-    correct = top_k_correct(logits, labels, 1).mean()
-  else:
-    # Micro-batch j takes examples j, j + A, j + 2A, ...: every micro-batch is spread over all
-    # devices, since each device holds a contiguous slice of the global batch.
-    def split(x):
-      x = x.reshape(x.shape[0] // accumulation_steps, accumulation_steps, *x.shape[1:])
-      return jnp.swapaxes(x, 0, 1)
-
-    def micro_step(carry, micro):
-      grads_sum, loss_sum, correct_sum, batch_stats = carry
-      micro_images, micro_labels, index = micro
-      (loss, (logits, batch_stats)), grads = grad_fn(
-          state.params, batch_stats, micro_images, micro_labels, jax.random.fold_in(rng, index)
-      )
-      correct = top_k_correct(logits, micro_labels, 1).mean()
-      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      return (grads_sum, loss_sum + loss, correct_sum + correct, batch_stats), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, 0.0, 0.0, state.batch_stats)
-    (grads, loss, correct, batch_stats), _ = jax.lax.scan(
-        micro_step, init, (split(images), split(labels), jnp.arange(accumulation_steps))
-    )
-    grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
-    loss, correct = loss / accumulation_steps, correct / accumulation_steps
-
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = {
-      'train_loss': loss,
-      'train_accuracy': correct,
-      'learning_rate': learning_rate_fn(state.step),
-      'finite': jnp.isfinite(loss),
-  }
-  return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: Batch, *, ten_crop: bool = False) -> dict[str, jax.Array]:
-  """Sums over the real (mask = 1) examples of a batch: loss, top-1 and top-5 correct, count.
-
-  With ten_crop, `image` is (batch, 10, H, W, C) and the logits of the ten crops are summed.
-  """
-  images, labels = batch['image'], batch['label']
-  mask = batch['mask'].astype(jnp.float32)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  if ten_crop:
-    crops = images.shape[1]
-    logits = state.apply_fn(variables, images.reshape(-1, *images.shape[2:]), train=False)
-    logits = logits.reshape(images.shape[0], crops, -1).sum(axis=1)
-    loss = cross_entropy(logits / crops, labels)
-  else:
-    logits = state.apply_fn(variables, images, train=False)
-    loss = cross_entropy(logits, labels)
-  return {
-      'loss': jnp.sum(loss * mask),
-      'accuracy': jnp.sum(top_k_correct(logits, labels, 1) * mask),
-      'top5_accuracy': jnp.sum(top_k_correct(logits, labels, 5) * mask),
-      'count': jnp.sum(mask),
-  }
 
 
 # ----------------------------------------------------------------------------------------------

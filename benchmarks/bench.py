@@ -1,0 +1,227 @@
+"""Training/eval speed, compile time and memory of one DenseNet, optionally side by side with PyTorch.
+
+    python benchmarks/bench.py --model densenet_bc_l100_k12 --batch 64 --reference torch
+    python benchmarks/bench.py --model densenet121 --batch 256 --dtype bfloat16 --reference torch --json out.json
+
+Needs only jax, flax and optax (and torch for --reference torch): no TensorFlow. The train step is the
+library's own (densenet_jax.steps.train_step: forward, backward, SGD update, BatchNorm statistics),
+compiled once; images/s is the median over timed steps after warm-up. With --reference torch the same
+architecture and batch run in PyTorch in the same process (torchvision's DenseNets for the ImageNet
+models when torchvision is installed, densenet_jax.torch_reference otherwise; channels_last and bfloat16
+autocast on GPU), and JAX and PyTorch steps alternate in rounds so that both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+# Keep jax.checkpoint effective on XLA:CPU (see densenet_jax/memory.py); it must precede JAX's start.
+_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
+if _FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FLAG}'.strip()
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from densenet_jax import models, optim, steps  # noqa: E402
+
+
+def _image_size(model: models.DenseNet, requested: int | None) -> int:
+  return requested or (224 if model.stem == 'imagenet' else 32)
+
+
+def _timed(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+class JaxRunner:
+  """The library's compiled train and eval steps on one synthetic batch."""
+
+  def __init__(self, model: models.DenseNet, batch: int, size: int):
+    self.batch = batch
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((batch, size, size, model.input_channels)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
+    self.batch_arrays = {'image': images, 'label': labels, 'mask': jnp.ones((batch,), bool)}
+    learning_rate_fn = optim.create_learning_rate_fn(0.1, (), 0.1, 1000)
+    tx = optim.create_optimizer(learning_rate_fn, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    self.state = jax.jit(functools.partial(
+        steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx
+    ))(jax.random.key(0))
+    self.rng = jax.random.key(1)
+    train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn), donate_argnums=0)
+    start = time.perf_counter()
+    self.train_compiled = train_step.lower(self.state, self.batch_arrays, self.rng).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
+    self.eval_compiled = jax.jit(steps.eval_step).lower(self.state, self.batch_arrays).compile()
+
+  def train(self) -> None:
+    self.state, metrics = self.train_compiled(self.state, self.batch_arrays, self.rng)
+    jax.block_until_ready(metrics)
+
+  def eval(self) -> None:
+    jax.block_until_ready(self.eval_compiled(self.state, self.batch_arrays))
+
+
+class TorchRunner:
+  """The same architecture, batch and optimizer in PyTorch."""
+
+  def __init__(self, name: str, model: models.DenseNet, batch: int, size: int, compile_model: bool):
+    import torch  # noqa: PLC0415 (optional dependency)
+
+    from densenet_jax import torch_reference  # noqa: PLC0415
+
+    self.torch = torch
+    self.gpu = torch.cuda.is_available()
+    device = 'cuda' if self.gpu else 'cpu'
+    try:
+      import torchvision  # noqa: PLC0415
+      net = getattr(torchvision.models, name)(num_classes=model.num_classes) if model.stem == 'imagenet' else None
+      self.source = f'torchvision {torchvision.__version__}' if net is not None else 'densenet_jax.torch_reference'
+    except ImportError:
+      net = None
+      self.source = 'densenet_jax.torch_reference'
+    net = net or torch_reference.build_torch_densenet(model)
+    net = net.to(device).train()
+    if self.gpu:
+      net = net.to(memory_format=torch.channels_last)
+    self.optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    self.net = torch.compile(net) if compile_model else net
+    self.images = torch.randn(batch, model.input_channels, size, size, device=device)
+    if self.gpu:
+      self.images = self.images.contiguous(memory_format=torch.channels_last)
+    self.labels = torch.randint(0, model.num_classes, (batch,), device=device)
+    self.bfloat16 = model.dtype == jnp.bfloat16
+    self.version = torch.__version__
+
+  def _autocast(self):
+    device = 'cuda' if self.gpu else 'cpu'
+    return self.torch.autocast(device, dtype=self.torch.bfloat16, enabled=self.bfloat16)
+
+  def _sync(self) -> None:
+    if self.gpu:
+      self.torch.cuda.synchronize()
+
+  def train(self) -> None:
+    self.optimizer.zero_grad(set_to_none=True)
+    with self._autocast():
+      loss = self.torch.nn.functional.cross_entropy(self.net(self.images), self.labels)
+    loss.backward()
+    self.optimizer.step()
+    self._sync()
+
+  def eval(self) -> None:
+    self.net.eval()
+    with self.torch.no_grad(), self._autocast():
+      self.net(self.images)
+    self.net.train()
+    self._sync()
+
+
+def run(args: argparse.Namespace) -> dict:
+  imagenet = models.create_model(args.model, num_classes=1).stem == 'imagenet'
+  model = models.create_model(
+      args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
+      dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient,
+  )
+  size = _image_size(model, args.image_size)
+  device = jax.devices()[0]
+  result = dict(
+      model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
+      memory_efficient=args.memory_efficient, device=f'{device.platform}: {device.device_kind}',
+      host_cpus=os.cpu_count(), jax_version=jax.__version__,
+  )
+  runner = JaxRunner(model, args.batch, size)
+  result.update(compile_seconds=round(runner.compile_seconds, 2), temp_bytes=runner.temp_bytes)
+  if args.compile_only:
+    return result
+  reference = None
+  if args.reference == 'torch':
+    reference = TorchRunner(args.model, model, args.batch, size, args.torch_compile)
+  for _ in range(args.warmup):  # Warm-up: first-run allocations, autotuning, torch.compile.
+    runner.train()
+    if reference:
+      reference.train()
+  jax_times, torch_times = [], []
+  for _ in range(args.rounds):  # Alternate, so that both see the same machine state.
+    jax_times += _timed(runner.train, args.steps)
+    if reference:
+      torch_times += _timed(reference.train, args.steps)
+  result['step_seconds'] = round(statistics.median(jax_times), 4)
+  result['images_per_second'] = round(args.batch / statistics.median(jax_times), 2)
+  if not args.skip_eval:
+    runner.eval()
+    result['eval_images_per_second'] = round(args.batch / statistics.median(_timed(runner.eval, args.steps)), 2)
+  if device.platform != 'cpu':
+    stats = device.memory_stats() or {}
+    result['peak_bytes'] = stats.get('peak_bytes_in_use')
+  if reference:
+    torch_rate = args.batch / statistics.median(torch_times)
+    result['reference'] = dict(
+        implementation=f'PyTorch {reference.version} ({reference.source})'
+        + (', torch.compile' if args.torch_compile else ''),
+        images_per_second=round(torch_rate, 2),
+        step_seconds=round(statistics.median(torch_times), 4),
+        torch_threads=reference.torch.get_num_threads(),
+    )
+    if not args.skip_eval:
+      reference.eval()
+      result['reference']['eval_images_per_second'] = round(
+          args.batch / statistics.median(_timed(reference.eval, args.steps)), 2)
+    if reference.gpu:
+      result['reference']['peak_bytes'] = reference.torch.cuda.max_memory_allocated()
+    result['speedup_vs_reference'] = round(result['images_per_second'] / torch_rate, 3)
+  return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(models.MODELS))
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
+  parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--memory_efficient', action='store_true')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--skip_eval', action='store_true')
+  parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
+  parser.add_argument('--reference', choices=['torch'], default=None)
+  parser.add_argument('--torch_compile', action='store_true')
+  parser.add_argument('--json', default=None, help='write the result object to this file')
+  args = parser.parse_args(argv)
+  if args.batch < 1 or args.steps < 1 or args.rounds < 1:
+    parser.error('--batch, --steps and --rounds must be at least 1.')
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  result = run(args)
+  print(json.dumps(result, indent=2))
+  if 'speedup_vs_reference' in result:
+    print(f'{args.model} batch {args.batch} {args.dtype}: {result["images_per_second"]} img/s vs '
+          f'{result["reference"]["images_per_second"]} img/s, ratio {result["speedup_vs_reference"]}x')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,107 @@
+"""The two primitives DenseNet spends its time in, written for dense connectivity.
+
+* `BatchNormReLU`: ReLU(BatchNorm(x)) where x is the channel-concatenation of a list of feature maps,
+  written to memory once, already normalized. In training mode the batch statistics of a channel
+  do not depend on which layer reads it, so a dense block computes the `moments` of each feature map
+  once, when it is produced, and every later layer reuses them (instead of re-reducing all of its
+  input channels: quadratic work in the number of layers). Normalization is folded into one
+  multiply-add per element, so the backward pass keeps no (x - mean) copy.
+* `pointwise_conv`: a 1x1 convolution as the matrix product it is.
+
+Both have exactly the variables of `flax.linen.BatchNorm` / `flax.linen.Conv` and compute the same
+function; tests/test_layers.py checks outputs, running statistics and gradients against them, and
+docs/performance.md measures what each buys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+
+class Moments(NamedTuple):
+  """Per-channel batch mean and (biased) variance of one feature map, in float32."""
+
+  mean: Array
+  var: Array
+
+
+def moments(x: Array) -> Moments:
+  """Batch statistics over every axis but the last, as flax.linen.BatchNorm computes them.
+
+  E[x^2] - E[x]^2 in float32 (one pass over x), clipped at zero against round-off.
+  """
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  mean_of_squares = jnp.mean(jnp.square(x), axes)
+  return Moments(mean, jnp.maximum(0.0, mean_of_squares - jnp.square(mean)))
+
+
+class BatchNormReLU(nn.Module):
+  """ReLU(BatchNorm(concatenate(features, axis=-1))) with batch moments computed once per feature map.
+
+  Variables and their update are those of `nn.BatchNorm` over the concatenated channels (params
+  `scale`, `bias`; batch_stats `mean`, `var`; running = momentum * running + (1 - momentum) * batch).
+  The concatenation is written once, already normalized: it is the input of the next convolution.
+
+  Attributes:
+    momentum: decay of the running averages.
+    epsilon: added to the variance.
+    dtype: dtype of the result; statistics and normalization are computed in float32.
+    param_dtype: dtype of scale and bias.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, features: Sequence[Array], train: bool, batch_moments: Sequence[Moments] | None = None
+  ) -> Array:
+    """`batch_moments[i]` are moments(features[i]) when the caller already has them (train mode)."""
+    features = list(features)
+    channels = sum(f.shape[-1] for f in features)
+    scale = self.param('scale', nn.initializers.ones, (channels,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+
+    if train:
+      if batch_moments is None:
+        batch_moments = [moments(f) for f in features]
+      mean = jnp.concatenate([m.mean for m in batch_moments])
+      var = jnp.concatenate([m.var for m in batch_moments])
+      if not self.is_initializing():
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    else:
+      mean, var = running_mean.value, running_var.value
+
+    # relu((x - mean) * rsqrt(var + eps) * scale + bias) = relu(x * a + b): one fused pass that reads
+    # the feature maps and writes the normalized concatenation (XLA fuses the concatenate into it).
+    a = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    b = bias.astype(jnp.float32) - mean * a
+    x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
+    return nn.relu(x.astype(jnp.float32) * a + b).astype(self.dtype)
+
+def pointwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, precision=None, **unused) -> Array:
+  """A 1x1 stride-1 unpadded NHWC convolution as a matrix product; a drop-in for lax.conv_general_dilated.
+
+  Same parameters and result as the convolution, but autodiff differentiates it into matrix products:
+  XLA:CPU computes the kernel gradient of a 1x1 convolution as a generic convolution several times
+  slower than the equivalent matmul, and 1x1 convolutions are most of DenseNet-BC's work.
+  """
+  if tuple(window_strides) != (1, 1) or any(tuple(p) != (0, 0) for p in padding) or rhs.shape[:2] != (1, 1):
+    raise ValueError('pointwise_conv computes only 1x1 convolutions with stride 1 and no padding.')
+  return jnp.dot(lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
+

@@ -1,0 +1,116 @@
+"""The fast primitives compute exactly what flax.linen.BatchNorm + ReLU and flax.linen.Conv compute."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from densenet_jax import layers
+
+
+def feature_maps(sizes=(5, 3, 3), seed=0):
+  keys = jax.random.split(jax.random.key(seed), len(sizes))
+  # Non-zero means and unequal scales, so that a wrong statistic shows.
+  return [2.0 + (i + 1) * jax.random.normal(k, (4, 6, 6, c)) for i, (k, c) in enumerate(zip(keys, sizes))]
+
+
+class Reference(nn.BatchNorm):
+  """The textbook version: concatenate, nn.BatchNorm, ReLU."""
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  def __call__(self, features, train):
+    x = jnp.concatenate(features, axis=-1)
+    return nn.relu(super().__call__(x, use_running_average=not train))
+
+
+def randomized(variables, seed=1):
+  """Non-trivial scale, bias and running statistics (init gives ones and zeros)."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [leaf + 0.5 * jnp.abs(jax.random.normal(k, leaf.shape)) for k, leaf in zip(keys, leaves)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('given_moments', [True, False])
+def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
+  features = feature_maps()
+  fast, reference = layers.BatchNormReLU(), Reference()
+  variables = randomized(reference.init(jax.random.key(0), features, False))
+  # Same variable tree: checkpoints and converted weights load into either.
+  assert jax.tree.structure(variables) == jax.tree.structure(fast.init(jax.random.key(0), features, False))
+  moments = [layers.moments(f) for f in features] if given_moments else None
+
+  def run(module, params, features):
+    extra = dict(batch_moments=moments) if module is fast else {}
+    out, updates = module.apply({**variables, 'params': params}, features, train,
+                                mutable=['batch_stats'], **extra)
+    return out, updates
+
+  out, updates = run(fast, variables['params'], features)
+  expected, expected_updates = run(reference, variables['params'], features)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  assert np.mean(np.asarray(out) > 0) > 0.2  # The ReLU does not hide everything.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), updates, expected_updates)
+  if train:  # The running statistics moved.
+    assert not np.allclose(updates['batch_stats']['mean'], variables['batch_stats']['mean'])
+
+  cotangent = jax.random.normal(jax.random.key(3), out.shape)
+  if moments is None:
+    def loss(module, params, features):
+      return jnp.sum(run(module, params, features)[0] * cotangent)
+    grads = jax.grad(loss, argnums=(1, 2))(fast, variables['params'], features)
+    expected_grads = jax.grad(loss, argnums=(1, 2))(reference, variables['params'], features)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, expected_grads)
+
+
+def test_shared_moments_give_the_same_gradients_as_recomputed_ones():
+  # A dense block passes the moments it computed once; gradients must flow through them the same.
+  features = feature_maps()
+  module = layers.BatchNormReLU()
+  variables = randomized(module.init(jax.random.key(0), features, False))
+  cotangent = jax.random.normal(jax.random.key(3), (4, 6, 6, 11))
+
+  def loss(features, share):
+    moments = [layers.moments(f) for f in features] if share else None
+    out, _ = module.apply(variables, features, True, batch_moments=moments, mutable=['batch_stats'])
+    return jnp.sum(out * cotangent)
+
+  shared, recomputed = jax.grad(loss)(features, True), jax.grad(loss)(features, False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), shared, recomputed)
+
+
+def test_batch_norm_relu_in_bfloat16_normalizes_in_float32():
+  features = [f.astype(jnp.bfloat16) for f in feature_maps()]
+  module = layers.BatchNormReLU(dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(0), features, False)
+  out, _ = module.apply(variables, features, True, mutable=['batch_stats'])
+  assert out.dtype == jnp.bfloat16
+  expected, _ = Reference().apply(variables, [f.astype(jnp.float32) for f in features], True,
+                                  mutable=['batch_stats'])
+  np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_pointwise_conv_matches_flax_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
+  conv = nn.Conv(4, (1, 1), padding=((0, 0), (0, 0)), use_bias=False)
+  fast = conv.clone(conv_general_dilated=layers.pointwise_conv)
+  params = conv.init(jax.random.key(1), x)
+  np.testing.assert_allclose(fast.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-6)
+
+  def loss(module, params, x):
+    return jnp.sum(jnp.sin(module.apply(params, x)))
+
+  grads = jax.grad(loss, argnums=(1, 2))(fast, params, x)
+  expected = jax.grad(loss, argnums=(1, 2))(conv, params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, expected)
+
+
+def test_pointwise_conv_refuses_other_convolutions():
+  x = jnp.zeros((1, 4, 4, 3))
+  strided = nn.Conv(2, (1, 1), strides=(2, 2), padding=((0, 0), (0, 0)), conv_general_dilated=layers.pointwise_conv)
+  with pytest.raises(ValueError, match='only 1x1 convolutions with stride 1'):
+    strided.init(jax.random.key(0), x)
