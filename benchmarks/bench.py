@@ -21,7 +21,8 @@ import statistics
 import sys
 import time
 
-# Keep jax.checkpoint effective on XLA:CPU (see densenet_jax/memory.py); it must precede JAX's start.
+# memory.KEEP_REMAT_ON_CPU_FLAG keeps jax.checkpoint effective on XLA:CPU. It must be set before JAX starts, and
+# importing densenet_jax.memory imports JAX, hence the literal; main() checks the two agree.
 _FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 if _FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FLAG}'.strip()
@@ -212,6 +213,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+  from densenet_jax import memory  # noqa: PLC0415
+
+  assert _FLAG == memory.KEEP_REMAT_ON_CPU_FLAG, 'bench.py and densenet_jax.memory disagree on the XLA flag'
   args = parse_args(argv)
   result = run(args)
   print(json.dumps(result, indent=2))

@@ -39,12 +39,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from densenet_jax import checkpoints, memory, models
+from densenet_jax import checkpoints, defaults, memory, models
 
 Params = Mapping[str, Any]
-# config_validation.RESOLVED_CONFIG_FILE, named again because config_validation imports the input pipeline
-# (TensorFlow), which reading weights should not need.
-RUN_CONFIG_FILE = 'config.json'
+# From defaults (no TensorFlow): config_validation imports the input pipeline, which reading weights does not need.
+RUN_CONFIG_FILE = defaults.RESOLVED_CONFIG_FILE
 
 
 # ----------------------------------------------------------------------------------------------

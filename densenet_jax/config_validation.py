@@ -18,7 +18,7 @@ from absl import flags
 
 from densenet_jax import defaults, input_pipeline, models
 
-RESOLVED_CONFIG_FILE = 'config.json'
+RESOLVED_CONFIG_FILE = defaults.RESOLVED_CONFIG_FILE
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 ARCHITECTURE_FIELDS = {'depth': int, 'growth_rate': int, 'bottleneck': bool, 'compression': float}
 

@@ -6,6 +6,9 @@ command line, e.g. `--config.num_epochs=10`.
 
 import ml_collections
 
+# A run writes its resolved config here, inside the workdir (config_validation.check_workdir).
+RESOLVED_CONFIG_FILE = 'config.json'
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
