@@ -34,15 +34,17 @@ class Moments(NamedTuple):
 
 
 def moments(x: Array) -> Moments:
-  """Batch statistics over every axis but the last, as flax.linen.BatchNorm computes them.
+  """Batch statistics over every axis but the last, in float32.
 
-  E[x^2] - E[x]^2 in float32 (one pass over x), clipped at zero against round-off.
+  The variance is E[(x - E[x])^2] (two passes over x), not flax's one-pass E[x^2] - E[x]^2: that
+  one cancels catastrophically when |mean| >> std, and its gradient loses a factor (mean / std)^2
+  of precision (tests/test_layers.py). The second pass is cheap here: a dense block computes the
+  moments of each feature map once, over its k new channels only.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   axes = tuple(range(x.ndim - 1))
   mean = jnp.mean(x, axes)
-  mean_of_squares = jnp.mean(jnp.square(x), axes)
-  return Moments(mean, jnp.maximum(0.0, mean_of_squares - jnp.square(mean)))
+  return Moments(mean, jnp.mean(jnp.square(x - mean), axes))
 
 
 class BatchNormReLU(nn.Module):
@@ -93,6 +95,7 @@ class BatchNormReLU(nn.Module):
     b = bias.astype(jnp.float32) - mean * a
     x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
     return nn.relu(x.astype(jnp.float32) * a + b).astype(self.dtype)
+
 
 def pointwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, precision=None, **unused) -> Array:
   """A 1x1 stride-1 unpadded NHWC convolution as a matrix product; a drop-in for lax.conv_general_dilated.
