@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from densenet_jax import config_validation, parallel, reporting
+from densenet_jax import config_validation, parallel, reporting, xla_flags
 from densenet_jax import train as training
 
 FLAGS = flags.FLAGS
@@ -27,6 +27,7 @@ def main(argv):
   checkpoint = FLAGS.checkpoint or FLAGS.workdir
   if not checkpoint:
     raise app.UsageError('Give --checkpoint=DIR (or --workdir=DIR).')
+  xla_flags.set_defaults()  # Before JAX starts its backend, as train.py does.
   reporting.show_only_own_info_logs()
   parallel.maybe_initialize_distributed()
   try:

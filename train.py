@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from densenet_jax import checkpoints, config_validation, input_pipeline, parallel, reporting
+from densenet_jax import checkpoints, config_validation, input_pipeline, parallel, reporting, xla_flags
 from densenet_jax import train as training
 
 FLAGS = flags.FLAGS
@@ -33,6 +33,7 @@ FAILURES = {
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.set_defaults()  # Before JAX starts its backend: nothing has computed yet.
   reporting.show_only_own_info_logs()
   parallel.maybe_initialize_distributed()
   try:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from densenet_jax import checkpoints, defaults, memory, models
+from densenet_jax import checkpoints, defaults, memory, models, xla_flags
 
 Params = Mapping[str, Any]
 # From defaults (no TensorFlow): config_validation imports the input pipeline, which reading weights does not need.
@@ -225,13 +225,13 @@ def activation_memory_vs_depth(
   """Activation memory of a training step of CIFAR-style DenseNets of each depth, naive and memory_efficient.
 
   Every step is compiled (not run) and measured with memory.train_step_temp_bytes, two compilations per depth.
-  On CPU the comparison needs XLA_FLAGS to contain memory.KEEP_REMAT_ON_CPU_FLAG before JAX starts; without it
+  On CPU the comparison needs XLA_FLAGS to contain xla_flags.KEEP_REMAT_ON_CPU before JAX starts; without it
   both variants would report the same memory, so that is an error.
   """
   if not memory.remat_is_effective():
     raise RuntimeError(
         'On XLA:CPU memory_efficient=True saves nothing unless XLA_FLAGS contains '
-        f'{memory.KEEP_REMAT_ON_CPU_FLAG}; set it in the environment before importing jax.'
+        f'{xla_flags.KEEP_REMAT_ON_CPU}; call densenet_jax.xla_flags.set_defaults() before JAX starts.'
     )
   points = []
   for depth in depths:

@@ -1,13 +1,7 @@
 """Activation memory of a compiled training step, as XLA's buffer assignment reports it.
 
-`memory_efficient=True` relies on rematerialization (`jax.checkpoint`) and its optimization barriers,
-which keep XLA from merging the backward pass's recomputation with the forward pass. XLA:GPU and
-XLA:TPU keep those barriers. XLA:CPU removes them in its `cse_barrier_expander` pass and then merges
-the recomputation away, so on CPU the option saves nothing unless that pass is disabled:
-
-    XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander python train.py ...
-
-The flag must be set before JAX initializes its CPU backend (i.e. in the environment).
+`memory_efficient=True` saves memory on XLA:CPU only with `xla_flags.KEEP_REMAT_ON_CPU` in XLA_FLAGS
+when JAX starts; train.py, the benchmarks and the notebooks set it (`xla_flags.set_defaults()`).
 """
 
 from __future__ import annotations
@@ -20,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-KEEP_REMAT_ON_CPU_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
+from densenet_jax import xla_flags
 
 
 def remat_is_effective(backend: str | None = None) -> bool:
   """Whether the backend keeps rematerialization (GPU/TPU always; CPU only with the flag above)."""
   backend = backend or jax.default_backend()
-  return backend != 'cpu' or KEEP_REMAT_ON_CPU_FLAG in os.environ.get('XLA_FLAGS', '')
+  return backend != 'cpu' or xla_flags.KEEP_REMAT_ON_CPU in os.environ.get('XLA_FLAGS', '')
 
 
 def train_step_temp_bytes(

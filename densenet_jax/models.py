@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax import layers, memory
+from densenet_jax import layers, memory, xla_flags
 
 Array = jax.Array
 Dtype = Any
@@ -245,7 +245,7 @@ class DenseNet(_Layers):
     if self.memory_efficient and not memory.remat_is_effective():
       warnings.warn(
           'memory_efficient=True saves no memory on XLA:CPU unless XLA_FLAGS contains '
-          f'{memory.KEEP_REMAT_ON_CPU_FLAG} (see densenet_jax/memory.py).',
+          f'{xla_flags.KEEP_REMAT_ON_CPU} when JAX starts (see densenet_jax/xla_flags.py).',
           stacklevel=2,
       )
     x = jnp.asarray(x, self.dtype)

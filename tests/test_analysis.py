@@ -15,7 +15,7 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from configs import quickstart
-from densenet_jax import analysis, checkpoints, config_validation, memory, models, summary, weights
+from densenet_jax import analysis, checkpoints, config_validation, memory, models, summary, weights, xla_flags
 from densenet_jax.weights import __main__ as weights_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +172,7 @@ for p in analysis.activation_memory_vs_depth((16, 22), growth_rate=4, batch_size
 def test_memory_vs_depth_compares_naive_and_memory_efficient():
   # A fresh process: XLA:CPU keeps rematerialization only with this flag set before JAX starts. LLVM's
   # optimizations come after buffer assignment: without them the memory is the same and compiling twice as fast.
-  flags = [memory.KEEP_REMAT_ON_CPU_FLAG, '--xla_backend_optimization_level=0',
+  flags = [xla_flags.KEEP_REMAT_ON_CPU, '--xla_backend_optimization_level=0',
            '--xla_llvm_disable_expensive_passes=true']
   env = {**os.environ, 'XLA_FLAGS': ' '.join(flags), 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', MEMORY_SWEEP], env=env, capture_output=True, text=True,

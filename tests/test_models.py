@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import memory, models
+from densenet_jax import memory, models, xla_flags
 from densenet_jax.summary import count_params, summarize
 
 # Exact counts of ../shared/paper.md (1000 classes for ImageNet models, 10 for CIFAR models).
@@ -256,7 +256,7 @@ for efficient in (False, True):
 
 def test_memory_efficient_needs_at_most_half_the_activation_memory():
   # A fresh process: XLA:CPU keeps rematerialization only with this flag set before JAX starts.
-  env = {**os.environ, 'XLA_FLAGS': memory.KEEP_REMAT_ON_CPU_FLAG, 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags.KEEP_REMAT_ON_CPU, 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', MEMORY_CHECK], env=env, capture_output=True,
                           text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   plain, efficient = map(int, result.stdout.split())
@@ -265,9 +265,9 @@ def test_memory_efficient_needs_at_most_half_the_activation_memory():
   assert efficient <= 0.7 * plain, (plain, efficient)
 
 
-def test_memory_efficient_warns_where_it_cannot_work():
-  if memory.remat_is_effective():
-    pytest.skip('this process keeps rematerialization')
+def test_memory_efficient_warns_where_it_cannot_work(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '')  # As if the process had started without xla_flags.set_defaults().
+  assert not memory.remat_is_effective('cpu')
   with pytest.warns(UserWarning, match='cse_barrier_expander'):
     jax.eval_shape(tiny_model(memory_efficient=True).init, jax.random.key(0), images())
 
