@@ -150,14 +150,14 @@ def validate_against_data(config: ml_collections.ConfigDict, info, device_count:
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to continue a run of another config in `workdir`; records the config of a new run.
 
-  Fields that do not change the result (logging, progress bar, number of checkpoints kept) may differ.
+  Fields that do not change the result (logging, progress bar, checkpoints kept, compilation cache) may differ.
   """
   path = os.path.join(workdir, RESOLVED_CONFIG_FILE)
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    cosmetic = {'log_every_steps', 'progress_bar', 'keep_checkpoints'}
+    cosmetic = {'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir'}
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in cosmetic and previous.get(k) != resolved.get(k))
     if changed:

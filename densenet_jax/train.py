@@ -117,9 +117,21 @@ def _prefixed(metrics: Mapping[str, float], prefix: str, num_classes: int) -> di
   }
 
 
+def use_compilation_cache(directory: str) -> None:
+  """Keeps compiled steps in `directory` for later runs ('' keeps none); JAX reads it at its first compile.
+
+  XLA needs 30-90 s on a CPU for a DenseNet train step (docs/performance.md); an executable from the cache
+  loads in a few seconds. The key covers the program, the compiler options and the devices, so runs of
+  different models or on different machines can share one directory.
+  """
+  if directory:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates `config` in `workdir`; returns the final metrics."""
   config_validation.validate(config)
+  use_compilation_cache(config.compilation_cache_dir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config_validation.check_workdir(config, workdir)
@@ -277,6 +289,7 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
   """Evaluates saved weights (a workdir, one of its checkpoints, or converted weights) on a split."""
   config_validation.validate(config)
+  use_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.create_mesh()
   info = input_pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
   config_validation.validate_against_data(config, info, jax.device_count())

@@ -110,3 +110,15 @@ def test_sigterm_saves_and_a_restart_resumes_exactly(tmp_path):
   resumed_steps = [r['step'] for r in reporting.read_metrics(str(workdir)) if 'train_loss' in r]
   assert resumed_steps == sorted(resumed_steps) and resumed_steps[-1] == 66
   assert_same_params(params_of(tmp_path / 'uninterrupted'), params_of(workdir), rtol=0, atol=0)
+
+
+def test_a_second_run_takes_its_compiled_steps_from_the_cache(tmp_path):
+  cache = tmp_path / 'cache'
+  flags = ['--config.num_epochs=1', '--config.lr_boundaries_epochs=(0.5,)', f'--config.compilation_cache_dir={cache}']
+  first = run_train(tmp_path / 'first', *flags)
+  entries = sorted(os.listdir(cache))
+  assert any(name.startswith('jit_train_step-') for name in entries), entries
+  # Same model, batch and devices: the same keys, so the second run adds nothing and trains the same.
+  second = run_train(tmp_path / 'second', *flags)
+  assert sorted(os.listdir(cache)) == entries
+  assert first.strip().splitlines()[-1] == second.strip().splitlines()[-1]
