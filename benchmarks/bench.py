@@ -3,12 +3,14 @@
     python benchmarks/bench.py --model densenet_bc_l100_k12 --batch 64 --reference torch
     python benchmarks/bench.py --model densenet121 --batch 256 --dtype bfloat16 --reference torch --json out.json
 
-Needs only jax, flax and optax (and torch for --reference torch): no TensorFlow. The train step is the
+Needs only jax, flax and optax (and torch for --reference torch): no TensorFlow. XLA flags are train.py's
+(densenet_jax/xla_flags.py) plus whatever XLA_FLAGS holds. The train step is the
 library's own (densenet_jax.steps.train_step: forward, backward, SGD update, BatchNorm statistics),
 compiled once; images/s is the median over timed steps after warm-up. With --reference torch the same
 architecture and batch run in PyTorch in the same process (torchvision's DenseNets for the ImageNet
 models when torchvision is installed, densenet_jax.torch_reference otherwise; channels_last and bfloat16
-autocast on GPU), and JAX and PyTorch steps alternate in rounds so that both see the same machine state.
+autocast on GPU); with --memory_efficient --reference plain the reference is the same model without
+memory_efficient. The two alternate in rounds, so that both see the same machine state.
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ import statistics
 import sys
 import time
 
-# memory.KEEP_REMAT_ON_CPU_FLAG keeps jax.checkpoint effective on XLA:CPU. It must be set before JAX starts, and
-# importing densenet_jax.memory imports JAX, hence the literal; main() checks the two agree.
-_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FLAG}'.strip()
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from densenet_jax import xla_flags  # noqa: E402
+
+xla_flags.set_defaults()  # Before JAX starts: train.py's XLA flags (remat kept on CPU).
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -66,16 +66,26 @@ class JaxRunner:
     self.rng = jax.random.key(1)
     train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn), donate_argnums=0)
     start = time.perf_counter()
-    self.train_compiled = train_step.lower(self.state, self.batch_arrays, self.rng).compile()
+    lowered = train_step.lower(self.state, self.batch_arrays, self.rng)  # Tracing (Python) and lowering.
+    lowered_at = time.perf_counter()
+    self.train_compiled = lowered.compile()  # XLA.
     self.compile_seconds = time.perf_counter() - start
+    self.xla_compile_seconds = time.perf_counter() - lowered_at
     self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
-    self.eval_compiled = jax.jit(steps.eval_step).lower(self.state, self.batch_arrays).compile()
+    self.eval_compiled = None  # Compiled when first needed.
+    self.description = f'densenet_jax, memory_efficient={model.memory_efficient}'
+
+  def facts(self) -> dict:
+    return dict(compile_seconds=round(self.compile_seconds, 2),
+                xla_compile_seconds=round(self.xla_compile_seconds, 2), temp_bytes=self.temp_bytes)
 
   def train(self) -> None:
     self.state, metrics = self.train_compiled(self.state, self.batch_arrays, self.rng)
     jax.block_until_ready(metrics)
 
   def eval(self) -> None:
+    if self.eval_compiled is None:
+      self.eval_compiled = jax.jit(steps.eval_step).lower(self.state, self.batch_arrays).compile()
     jax.block_until_ready(self.eval_compiled(self.state, self.batch_arrays))
 
 
@@ -108,7 +118,13 @@ class TorchRunner:
       self.images = self.images.contiguous(memory_format=torch.channels_last)
     self.labels = torch.randint(0, model.num_classes, (batch,), device=device)
     self.bfloat16 = model.dtype == jnp.bfloat16
-    self.version = torch.__version__
+    self.description = f'PyTorch {torch.__version__} ({self.source})' + (', torch.compile' if compile_model else '')
+
+  def facts(self) -> dict:
+    facts = dict(torch_threads=self.torch.get_num_threads())
+    if self.gpu:
+      facts['peak_bytes'] = self.torch.cuda.max_memory_allocated()
+    return facts
 
   def _autocast(self):
     device = 'cuda' if self.gpu else 'cpu'
@@ -145,24 +161,26 @@ def run(args: argparse.Namespace) -> dict:
   result = dict(
       model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
       memory_efficient=args.memory_efficient, device=f'{device.platform}: {device.device_kind}',
-      host_cpus=os.cpu_count(), jax_version=jax.__version__,
+      host_cpus=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
   )
   runner = JaxRunner(model, args.batch, size)
-  result.update(compile_seconds=round(runner.compile_seconds, 2), temp_bytes=runner.temp_bytes)
+  result.update(runner.facts())
   if args.compile_only:
     return result
   reference = None
   if args.reference == 'torch':
     reference = TorchRunner(args.model, model, args.batch, size, args.torch_compile)
+  elif args.reference == 'plain':  # The cost of memory_efficient=True: the same model without it.
+    reference = JaxRunner(model.clone(memory_efficient=False), args.batch, size)
   for _ in range(args.warmup):  # Warm-up: first-run allocations, autotuning, torch.compile.
     runner.train()
     if reference:
       reference.train()
-  jax_times, torch_times = [], []
+  jax_times, reference_times = [], []
   for _ in range(args.rounds):  # Alternate, so that both see the same machine state.
     jax_times += _timed(runner.train, args.steps)
     if reference:
-      torch_times += _timed(reference.train, args.steps)
+      reference_times += _timed(reference.train, args.steps)
   result['step_seconds'] = round(statistics.median(jax_times), 4)
   result['images_per_second'] = round(args.batch / statistics.median(jax_times), 2)
   if not args.skip_eval:
@@ -172,21 +190,18 @@ def run(args: argparse.Namespace) -> dict:
     stats = device.memory_stats() or {}
     result['peak_bytes'] = stats.get('peak_bytes_in_use')
   if reference:
-    torch_rate = args.batch / statistics.median(torch_times)
+    reference_rate = args.batch / statistics.median(reference_times)
     result['reference'] = dict(
-        implementation=f'PyTorch {reference.version} ({reference.source})'
-        + (', torch.compile' if args.torch_compile else ''),
-        images_per_second=round(torch_rate, 2),
-        step_seconds=round(statistics.median(torch_times), 4),
-        torch_threads=reference.torch.get_num_threads(),
+        implementation=reference.description,
+        images_per_second=round(reference_rate, 2),
+        step_seconds=round(statistics.median(reference_times), 4),
     )
     if not args.skip_eval:
       reference.eval()
       result['reference']['eval_images_per_second'] = round(
           args.batch / statistics.median(_timed(reference.eval, args.steps)), 2)
-    if reference.gpu:
-      result['reference']['peak_bytes'] = reference.torch.cuda.max_memory_allocated()
-    result['speedup_vs_reference'] = round(result['images_per_second'] / torch_rate, 3)
+    result['reference'].update(reference.facts())
+    result['speedup_vs_reference'] = round(result['images_per_second'] / reference_rate, 3)
   return result
 
 
@@ -203,19 +218,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
-  parser.add_argument('--reference', choices=['torch'], default=None)
+  parser.add_argument('--reference', choices=['torch', 'plain'], default=None,
+                      help='torch: PyTorch; plain: the same model without memory_efficient (needs --memory_efficient)')
   parser.add_argument('--torch_compile', action='store_true')
   parser.add_argument('--json', default=None, help='write the result object to this file')
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1 or args.rounds < 1:
     parser.error('--batch, --steps and --rounds must be at least 1.')
+  if args.reference == 'plain' and not args.memory_efficient:
+    parser.error('--reference plain measures the cost of --memory_efficient: add --memory_efficient.')
   return args
 
 
 def main(argv=None) -> None:
-  from densenet_jax import memory  # noqa: PLC0415
-
-  assert _FLAG == memory.KEEP_REMAT_ON_CPU_FLAG, 'bench.py and densenet_jax.memory disagree on the XLA flag'
   args = parse_args(argv)
   result = run(args)
   print(json.dumps(result, indent=2))

@@ -1,0 +1,68 @@
+"""The benchmark scripts run, measure what they say, and check what they compare."""
+
+import functools
+import json
+import os
+import sys
+
+import pytest
+
+from densenet_jax import models
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+
+import bench  # noqa: E402
+import block_forms  # noqa: E402
+
+TINY = ['--model', 'tiny', '--batch', '2', '--image_size', '8', '--steps', '1', '--rounds', '2']
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch):
+  # A DenseNet-BC with two layers per block: the scripts' code paths at a fraction of the compile time.
+  monkeypatch.setitem(models.MODELS, 'tiny', functools.partial(models.cifar_densenet, 16, 4, bottleneck=True,
+                                                               compression=0.5))
+
+
+def test_bench_against_pytorch_writes_the_promised_json(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'result.json'
+  bench.main([*TINY, '--reference', 'torch', '--json', str(out)])
+  result = json.loads(out.read_text())
+  for key in ('model', 'batch', 'image_size', 'dtype', 'memory_efficient', 'device', 'images_per_second',
+              'compile_seconds', 'temp_bytes', 'eval_images_per_second', 'xla_flags'):
+    assert key in result, key
+  assert result['model'] == 'tiny' and result['image_size'] == 8 and result['temp_bytes'] > 0
+  reference = result['reference']
+  assert reference['implementation'].startswith('PyTorch') and reference['images_per_second'] > 0
+  assert result['speedup_vs_reference'] == pytest.approx(
+      result['images_per_second'] / reference['images_per_second'], rel=0.02)
+
+
+def test_bench_measures_memory_efficient_against_the_plain_model():
+  result = bench.run(bench.parse_args([*TINY, '--memory_efficient', '--reference', 'plain', '--skip_eval']))
+  assert result['memory_efficient'] and result['reference']['implementation'].endswith('memory_efficient=False')
+  # Rematerialization keeps less for the backward pass (conftest sets the XLA flag train.py sets).
+  assert result['temp_bytes'] < result['reference']['temp_bytes']
+
+
+def test_bench_refuses_a_plain_reference_without_memory_efficient():
+  with pytest.raises(SystemExit):
+    bench.parse_args([*TINY, '--reference', 'plain'])
+
+
+def test_all_block_forms_compute_the_same_function():
+  # The straightforward concatenation, the preallocated buffer and the library's block: same loss and
+  # gradients from the same parameters (run() raises otherwise), each timed and measured.
+  args = block_forms.parse_args(['--batch', '2', '--size', '4', '--channels', '4', '--layers', '3',
+                                 '--growth_rate', '2', '--repeats', '1'])
+  result = block_forms.run(args)
+  assert set(result['forms']) == set(block_forms.FORMS)
+  assert all(form['seconds'] > 0 and form['temp_bytes'] > 0 for form in result['forms'].values())
+
+
+def test_block_forms_catch_a_different_function():
+  values = (1.0, [1.0, 2.0])
+  block_forms._check_same('same', values, (1.0, [1.0, 2.0]))
+  with pytest.raises(AssertionError, match=r'differs from the first form at \[1\]\[0\]'):
+    block_forms._check_same('different', (1.0, [1.5, 2.0]), values)
