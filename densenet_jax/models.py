@@ -157,6 +157,7 @@ class DenseBlock(_Layers):
           param_dtype=self.param_dtype,
           name=f'layer{i + 1}',
       )(features, batch_moments, train)
+      new = layers.gradient_barrier(new)  # Later layers' gradient contributions: summed once.
       features.append(new)
       if train:
         batch_moments.append(layers.moments(new))

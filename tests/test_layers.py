@@ -1,5 +1,7 @@
 """The fast primitives compute exactly what flax.linen.BatchNorm + ReLU and flax.linen.Conv compute."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -141,3 +143,18 @@ def test_pointwise_conv_refuses_other_convolutions():
   strided = nn.Conv(2, (1, 1), strides=(2, 2), padding=((0, 0), (0, 0)), conv_general_dilated=layers.pointwise_conv)
   with pytest.raises(ValueError, match='only 1x1 convolutions with stride 1'):
     strided.init(jax.random.key(0), x)
+
+
+def test_gradient_barrier_is_the_identity_with_its_gradient_kept_whole():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+
+  def loss(x, barrier):
+    y = layers.gradient_barrier(x) if barrier else x
+    return jnp.sum(jnp.sin(y) * 3.0) + jnp.sum(y ** 2)
+
+  np.testing.assert_array_equal(layers.gradient_barrier(x), x)
+  np.testing.assert_allclose(jax.grad(loss)(x, True), jax.grad(loss)(x, False), rtol=1e-6)
+  # The barrier sits on the gradient, where XLA would otherwise fuse its sum into every consumer.
+  with_barrier = functools.partial(loss, barrier=True)
+  assert 'optimization_barrier' in str(jax.make_jaxpr(jax.grad(with_barrier))(x))
+  assert 'optimization_barrier' not in str(jax.make_jaxpr(with_barrier)(x))
