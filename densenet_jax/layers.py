@@ -1,4 +1,4 @@
-"""The two primitives DenseNet spends its time in, written for dense connectivity.
+"""The primitives DenseNet spends its time in, written for dense connectivity.
 
 * `BatchNormReLU`: ReLU(BatchNorm(x)) where x is the channel-concatenation of a list of feature maps,
   written to memory once, already normalized. In training mode the batch statistics of a channel
@@ -9,9 +9,9 @@
 * `pointwise_conv`: a 1x1 convolution as the matrix product it is.
 * `gradient_barrier`: the identity, whose gradient is computed once (see its docstring).
 
-Both have exactly the variables of `flax.linen.BatchNorm` / `flax.linen.Conv` and compute the same
-function; tests/test_layers.py checks outputs, running statistics and gradients against them, and
-docs/performance.md measures what each buys.
+The first two have exactly the variables of `flax.linen.BatchNorm` / `flax.linen.Conv` and compute the
+same function; tests/test_layers.py checks outputs, running statistics and gradients against them (and
+the barrier against the identity), and docs/performance.md measures what each buys.
 """
 
 from __future__ import annotations
