@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,11 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from densenet_jax import models, optim, steps  # noqa: E402
-
-
-def _image_size(model: models.DenseNet, requested: int | None) -> int:
-  return requested or (224 if model.stem == 'imagenet' else 32)
+from densenet_jax import models, optim, steps, summary  # noqa: E402
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -46,6 +43,16 @@ def _timed(fn, repeats: int) -> list[float]:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
+  return times
+
+
+def take_turns(fns: Mapping[str, Callable[[], object]], rounds: int, steps: int = 1) -> dict[str, list[float]]:
+  """Seconds of each call: every round runs each function `steps` times in turn, so that all see the same
+  machine state (this shared machine drifts by more than the differences measured)."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      times[name] += _timed(fn, steps)
   return times
 
 
@@ -156,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
       args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
       dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient,
   )
-  size = _image_size(model, args.image_size)
+  size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
   result = dict(
       model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
@@ -176,11 +183,9 @@ def run(args: argparse.Namespace) -> dict:
     runner.train()
     if reference:
       reference.train()
-  jax_times, reference_times = [], []
-  for _ in range(args.rounds):  # Alternate, so that both see the same machine state.
-    jax_times += _timed(runner.train, args.steps)
-    if reference:
-      reference_times += _timed(reference.train, args.steps)
+  contenders = {'jax': runner.train, **({'reference': reference.train} if reference else {})}
+  times = take_turns(contenders, args.rounds, args.steps)
+  jax_times, reference_times = times['jax'], times.get('reference')
   result['step_seconds'] = round(statistics.median(jax_times), 4)
   result['images_per_second'] = round(args.batch / statistics.median(jax_times), 2)
   if not args.skip_eval:

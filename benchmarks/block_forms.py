@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench  # noqa: E402  (benchmarks/, this script's folder)
 from densenet_jax import layers, models  # noqa: E402
 
 
@@ -184,13 +185,8 @@ def run(args: argparse.Namespace) -> dict:
     compiled[name] = functools.partial(step, *inputs)
     result['forms'][name] = dict(compile_seconds=round(compile_seconds, 2),
                                  temp_bytes=int(step.memory_analysis().temp_size_in_bytes))
-  # Forms take turns, so that all of them see the same machine state.
-  times = {name: [] for name in compiled}
-  for _ in range(args.repeats):
-    for name, step in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(step())
-      times[name].append(time.perf_counter() - start)
+  times = bench.take_turns({name: lambda step=step: jax.block_until_ready(step()) for name, step in compiled.items()},
+                           args.repeats)
   for name, form in result['forms'].items():
     form['seconds'] = round(statistics.median(times[name]), 4)
     print(name, form, flush=True)

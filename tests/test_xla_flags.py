@@ -1,6 +1,6 @@
 """The XLA flags the entry points set, and how they combine with the user's."""
 
-from densenet_jax import xla_flags
+from densenet_jax import memory, xla_flags
 
 
 def test_the_users_flags_win_and_are_kept():
@@ -23,6 +23,4 @@ def test_set_defaults_writes_the_environment_it_is_given():
 
 def test_the_tests_run_with_the_entry_points_flags():
   # conftest.py sets them as train.py does, so that memory_efficient=True really rematerializes in tests.
-  from densenet_jax import memory  # noqa: PLC0415
-
   assert memory.remat_is_effective('cpu')
