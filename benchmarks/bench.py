@@ -10,7 +10,9 @@ compiled once; images/s is the median over timed steps after warm-up. With --ref
 architecture and batch run in PyTorch in the same process (torchvision's DenseNets for the ImageNet
 models when torchvision is installed, densenet_jax.torch_reference otherwise; channels_last and bfloat16
 autocast on GPU); with --memory_efficient --reference plain the reference is the same model without
-memory_efficient. The two alternate in rounds, so that both see the same machine state.
+memory_efficient; with --reference xla_options it is the same step compiled with the XLA options given
+in --xla_options (e.g. XLA:CPU's own choice of convolution kernels, see docs/performance.md). The two
+alternate in rounds, so that both see the same machine state.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ import numpy as np  # noqa: E402
 
 from densenet_jax import models, optim, steps, summary  # noqa: E402
 
+# XLA:CPU's default library kernels (jaxlib 0.10.2): convolutions too, which xla_flags gives to Eigen.
+YNNPACK_CONVOLUTIONS = {'xla_cpu_experimental_ynn_fusion_type': ','.join(
+    f'LIBRARY_FUSION_TYPE_{kind}' for kind in ('INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'REDUCE'))}
+
 
 def _timed(fn, repeats: int) -> list[float]:
   times = []
@@ -59,7 +65,7 @@ def take_turns(fns: Mapping[str, Callable[[], object]], rounds: int, steps: int 
 class JaxRunner:
   """The library's compiled train and eval steps on one synthetic batch."""
 
-  def __init__(self, model: models.DenseNet, batch: int, size: int):
+  def __init__(self, model: models.DenseNet, batch: int, size: int, xla_options: Mapping | None = None):
     self.batch = batch
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((batch, size, size, model.input_channels)), jnp.float32)
@@ -75,12 +81,14 @@ class JaxRunner:
     start = time.perf_counter()
     lowered = train_step.lower(self.state, self.batch_arrays, self.rng)  # Tracing (Python) and lowering.
     lowered_at = time.perf_counter()
-    self.train_compiled = lowered.compile()  # XLA.
+    self.train_compiled = lowered.compile(compiler_options=xla_options)  # XLA.
     self.compile_seconds = time.perf_counter() - start
     self.xla_compile_seconds = time.perf_counter() - lowered_at
     self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
     self.eval_compiled = None  # Compiled when first needed.
     self.description = f'densenet_jax, memory_efficient={model.memory_efficient}'
+    if xla_options:
+      self.description += f', XLA options {json.dumps(xla_options)}'
 
   def facts(self) -> dict:
     return dict(compile_seconds=round(self.compile_seconds, 2),
@@ -179,6 +187,8 @@ def run(args: argparse.Namespace) -> dict:
     reference = TorchRunner(args.model, model, args.batch, size, args.torch_compile)
   elif args.reference == 'plain':  # The cost of memory_efficient=True: the same model without it.
     reference = JaxRunner(model.clone(memory_efficient=False), args.batch, size)
+  elif args.reference == 'xla_options':  # The same step, compiled with other XLA options.
+    reference = JaxRunner(model, args.batch, size, args.xla_options)
   for _ in range(args.warmup):  # Warm-up: first-run allocations, autotuning, torch.compile.
     runner.train()
     if reference:
@@ -223,8 +233,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
-  parser.add_argument('--reference', choices=['torch', 'plain'], default=None,
-                      help='torch: PyTorch; plain: the same model without memory_efficient (needs --memory_efficient)')
+  parser.add_argument('--reference', choices=['torch', 'plain', 'xla_options'], default=None,
+                      help='torch: PyTorch; plain: the same model without memory_efficient (needs '
+                           '--memory_efficient); xla_options: the same step compiled with --xla_options')
+  parser.add_argument('--xla_options', default=None,
+                      help='JSON object of XLA compile options for --reference xla_options, e.g. '
+                           f"'{json.dumps(YNNPACK_CONVOLUTIONS)}' (XLA:CPU's default kernels)")
   parser.add_argument('--torch_compile', action='store_true')
   parser.add_argument('--json', default=None, help='write the result object to this file')
   args = parser.parse_args(argv)
@@ -232,6 +246,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error('--batch, --steps and --rounds must be at least 1.')
   if args.reference == 'plain' and not args.memory_efficient:
     parser.error('--reference plain measures the cost of --memory_efficient: add --memory_efficient.')
+  if (args.reference == 'xla_options') != (args.xla_options is not None):
+    parser.error('--reference xla_options and --xla_options JSON go together.')
+  if args.xla_options is not None:
+    try:
+      args.xla_options = json.loads(args.xla_options)
+    except json.JSONDecodeError as e:
+      parser.error(f'--xla_options must be a JSON object, e.g. {json.dumps(YNNPACK_CONVOLUTIONS)!r}: {e}')
+    if not isinstance(args.xla_options, dict):
+      parser.error(f'--xla_options must be a JSON object, e.g. {json.dumps(YNNPACK_CONVOLUTIONS)!r}.')
   return args
 
 

@@ -51,6 +51,22 @@ def test_bench_refuses_a_plain_reference_without_memory_efficient():
     bench.parse_args([*TINY, '--reference', 'plain'])
 
 
+def test_bench_measures_other_xla_options_against_the_defaults():
+  options = json.dumps(bench.YNNPACK_CONVOLUTIONS)
+  result = bench.run(bench.parse_args([*TINY, '--reference', 'xla_options', '--xla_options', options, '--skip_eval']))
+  assert result['reference']['implementation'].endswith(f'XLA options {options}')
+  assert result['reference']['images_per_second'] > 0 and result['speedup_vs_reference'] > 0
+
+
+@pytest.mark.parametrize('arguments', [['--reference', 'xla_options'], ['--xla_options', '{}'],
+                                       ['--reference', 'xla_options', '--xla_options', 'not json'],
+                                       ['--reference', 'xla_options', '--xla_options', '[1]']])
+def test_bench_refuses_xla_options_it_cannot_use(arguments, capsys):
+  with pytest.raises(SystemExit):
+    bench.parse_args([*TINY, *arguments])
+  assert '--xla_options' in capsys.readouterr().err
+
+
 def test_all_block_forms_compute_the_same_function():
   # The straightforward concatenation, the preallocated buffer and the library's block: same loss and
   # gradients from the same parameters (run() raises otherwise), each timed and measured.
