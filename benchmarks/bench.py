@@ -188,7 +188,10 @@ def run(args: argparse.Namespace) -> dict:
   elif args.reference == 'plain':  # The cost of memory_efficient=True: the same model without it.
     reference = JaxRunner(model.clone(memory_efficient=False), args.batch, size)
   elif args.reference == 'xla_options':  # The same step, compiled with other XLA options.
-    reference = JaxRunner(model, args.batch, size, args.xla_options)
+    try:
+      reference = JaxRunner(model, args.batch, size, args.xla_options)
+    except jax.errors.JaxRuntimeError as e:  # An option this jaxlib does not know, or a bad value.
+      raise SystemExit(f'--xla_options {json.dumps(args.xla_options)}: {e}') from None
   for _ in range(args.warmup):  # Warm-up: first-run allocations, autotuning, torch.compile.
     runner.train()
     if reference:
@@ -251,10 +254,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.xla_options is not None:
     try:
       args.xla_options = json.loads(args.xla_options)
-    except json.JSONDecodeError as e:
-      parser.error(f'--xla_options must be a JSON object, e.g. {json.dumps(YNNPACK_CONVOLUTIONS)!r}: {e}')
+    except json.JSONDecodeError:
+      args.xla_options = None
     if not isinstance(args.xla_options, dict):
-      parser.error(f'--xla_options must be a JSON object, e.g. {json.dumps(YNNPACK_CONVOLUTIONS)!r}.')
+      parser.error(f"--xla_options must be a JSON object, e.g. '{json.dumps(YNNPACK_CONVOLUTIONS)}'.")
   return args
 
 

@@ -67,6 +67,12 @@ def test_bench_refuses_xla_options_it_cannot_use(arguments, capsys):
   assert '--xla_options' in capsys.readouterr().err
 
 
+def test_bench_names_an_xla_option_the_compiler_refuses():
+  args = bench.parse_args([*TINY, '--reference', 'xla_options', '--xla_options', '{"xla_no_such_option": 1}'])
+  with pytest.raises(SystemExit, match='xla_no_such_option'):
+    bench.run(args)
+
+
 def test_all_block_forms_compute_the_same_function():
   # The straightforward concatenation, the preallocated buffer and the library's block: same loss and
   # gradients from the same parameters (run() raises otherwise), each timed and measured.
