@@ -38,9 +38,8 @@ import numpy as np  # noqa: E402
 
 from densenet_jax import models, optim, steps, summary  # noqa: E402
 
-# XLA:CPU's default library kernels (jaxlib 0.10.2): convolutions too, which xla_flags gives to Eigen.
-YNNPACK_CONVOLUTIONS = {'xla_cpu_experimental_ynn_fusion_type': ','.join(
-    f'LIBRARY_FUSION_TYPE_{kind}' for kind in ('INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'REDUCE'))}
+# XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
+YNNPACK_CONVOLUTIONS = {xla_flags.YNN_FUSION_TYPE: ','.join(xla_flags.YNN_FUSION_TYPES_XLA_DEFAULT)}
 
 
 def _timed(fn, repeats: int) -> list[float]:

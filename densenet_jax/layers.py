@@ -110,7 +110,6 @@ def pointwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, precision
   return jnp.dot(lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
 
 
-
 @jax.custom_vjp
 def gradient_barrier(x: Array) -> Array:
   """The identity; in the backward pass, x's gradient is computed once and kept in memory.

@@ -29,9 +29,12 @@ import os
 from collections.abc import MutableMapping, Sequence
 
 KEEP_REMAT_ON_CPU = '--xla_disable_hlo_passes=cse_barrier_expander'
-CPU_CONVOLUTIONS_ON_EIGEN = (
-    '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
-)
+YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
+# What XLA:CPU hands to YNNPACK by default (jaxlib 0.10.2).
+YNN_FUSION_TYPES_XLA_DEFAULT = tuple(
+    f'LIBRARY_FUSION_TYPE_{kind}' for kind in ('INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'REDUCE'))
+CPU_CONVOLUTIONS_ON_EIGEN = f'--{YNN_FUSION_TYPE}=' + ','.join(
+    kind for kind in YNN_FUSION_TYPES_XLA_DEFAULT if not kind.endswith('CONVOLUTION'))
 CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB = frozenset({'0.10.2'})
 
 
