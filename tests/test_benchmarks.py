@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from densenet_jax import models
@@ -13,8 +15,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench  # noqa: E402
 import block_forms  # noqa: E402
+import compile_parts  # noqa: E402
 
-TINY = ['--model', 'tiny', '--batch', '2', '--image_size', '8', '--steps', '1', '--rounds', '2']
+TINY_MODEL = ['--model', 'tiny', '--batch', '2', '--image_size', '8']
+TINY = [*TINY_MODEL, '--steps', '1', '--rounds', '2']
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +92,26 @@ def test_block_forms_catch_a_different_function():
   block_forms._check_same('same', values, (1.0, [1.0, 2.0]))
   with pytest.raises(AssertionError, match=r'differs from the first form at \[1\]\[0\]'):
     block_forms._check_same('different', (1.0, [1.5, 2.0]), values)
+
+
+@pytest.mark.parametrize('shapes, distinct', [([(5,), (5,), (5,)], 1), ([(5,), (6,), (7,)], 3)])
+def test_kernel_counts_tell_distinct_kernels_apart(shapes, distinct):
+  arrays = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+  compiled = jax.jit(lambda arrays: [jnp.sin(a) * 2 + 1 for a in arrays]).lower(arrays).compile()
+  assert compile_parts.kernel_counts(compiled.as_text()) == (3, distinct)
+
+
+def test_compile_parts_measures_each_part_of_the_train_step(tmp_path):
+  out = tmp_path / 'parts.json'
+  compile_parts.main([*TINY_MODEL, '--json', str(out)])
+  result = json.loads(out.read_text())
+  parts = result['parts']
+  assert list(parts) == list(compile_parts.PARTS)
+  for part in parts.values():
+    assert 0 < part['distinct_kernels'] <= part['kernels'] and part['xla_seconds'] > 0
+  # The train step is the gradients plus the update; the gradients, the forward pass plus the backward.
+  assert parts['forward']['kernels'] < parts['gradients']['kernels'] < parts['train_step']['kernels']
+  # One parameter shape: the same update kernels, of which only a handful distinct.
+  one_shape, update = parts['sgd_update_one_shape'], parts['sgd_update']
+  assert one_shape['kernels'] == update['kernels'] and one_shape['distinct_kernels'] < update['distinct_kernels']
+  assert result['parameters'] > result['distinct_parameter_shapes'] > 1
