@@ -35,11 +35,33 @@ xla_flags.set_defaults()  # Before JAX starts: train.py's XLA flags (remat kept 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from densenet_jax import models, optim, steps, summary  # noqa: E402
 
 # XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
 YNNPACK_CONVOLUTIONS = {xla_flags.YNN_FUSION_TYPE: ','.join(xla_flags.YNN_FUSION_TYPES_XLA_DEFAULT)}
+
+
+def environment() -> dict:
+  """The facts every benchmark result records about where it ran."""
+  device = jax.devices()[0]
+  return dict(device=f'{device.platform}: {device.device_kind}', host_cpus=os.cpu_count(),
+              jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
+
+
+def paper_optimizer() -> tuple[optax.Schedule, optax.GradientTransformation]:
+  """The paper's SGD (momentum 0.9, Nesterov, weight decay 1e-4) at learning rate 0.1."""
+  learning_rate_fn = optim.create_learning_rate_fn(0.1, (), 0.1, 1000)
+  return learning_rate_fn, optim.create_optimizer(learning_rate_fn, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def report(result: dict, json_path: str | None) -> None:
+  """Prints the result object and, with --json, writes it to that file."""
+  print(json.dumps(result, indent=2))
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(result, f, indent=2)
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -70,8 +92,7 @@ class JaxRunner:
     images = jnp.asarray(rng.standard_normal((batch, size, size, model.input_channels)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
     self.batch_arrays = {'image': images, 'label': labels, 'mask': jnp.ones((batch,), bool)}
-    learning_rate_fn = optim.create_learning_rate_fn(0.1, (), 0.1, 1000)
-    tx = optim.create_optimizer(learning_rate_fn, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    learning_rate_fn, tx = paper_optimizer()
     self.state = jax.jit(functools.partial(
         steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx
     ))(jax.random.key(0))
@@ -172,11 +193,8 @@ def run(args: argparse.Namespace) -> dict:
   )
   size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
-  result = dict(
-      model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
-      memory_efficient=args.memory_efficient, device=f'{device.platform}: {device.device_kind}',
-      host_cpus=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
-  )
+  result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
+                memory_efficient=args.memory_efficient, **environment())
   runner = JaxRunner(model, args.batch, size)
   result.update(runner.facts())
   if args.compile_only:
@@ -263,13 +281,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
   args = parse_args(argv)
   result = run(args)
-  print(json.dumps(result, indent=2))
+  report(result, args.json)
   if 'speedup_vs_reference' in result:
     print(f'{args.model} batch {args.batch} {args.dtype}: {result["images_per_second"]} img/s vs '
           f'{result["reference"]["images_per_second"]} img/s, ratio {result["speedup_vs_reference"]}x')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -208,11 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  result = run(args)
-  print(json.dumps(result, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  bench.report(run(args), args.json)
 
 
 if __name__ == '__main__':

@@ -39,7 +39,8 @@ xla_flags.set_defaults()  # Before JAX starts, as in train.py.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from densenet_jax import models, optim, steps, summary  # noqa: E402
+import bench  # noqa: E402  (benchmarks/, this script's folder)
+from densenet_jax import models, steps, summary  # noqa: E402
 
 PARTS = ('forward', 'gradients', 'train_step', 'sgd_update', 'sgd_update_one_shape')
 
@@ -66,8 +67,7 @@ def kernel_counts(hlo_text: str) -> tuple[int, int]:
 
 def _programs(model: models.DenseNet, batch: int, size: int) -> dict[str, tuple[Callable, tuple]]:
   """Each part as a function and the abstract arguments it is compiled for."""
-  learning_rate_fn = optim.create_learning_rate_fn(0.1, (), 0.1, 1000)
-  tx = optim.create_optimizer(learning_rate_fn, momentum=0.9, nesterov=True, weight_decay=1e-4)
+  learning_rate_fn, tx = bench.paper_optimizer()
   state = jax.eval_shape(functools.partial(
       steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx
   ), jax.random.key(0))
@@ -122,9 +122,8 @@ def run(args: argparse.Namespace) -> dict:
   params = jax.tree.leaves(programs['sgd_update'][1][1])
   result = dict(
       model=args.model, batch=args.batch, image_size=size, memory_efficient=args.memory_efficient,
-      device=f'{jax.devices()[0].platform}: {jax.devices()[0].device_kind}', host_cpus=os.cpu_count(),
-      jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
-      parameters=len(params), distinct_parameter_shapes=len({p.shape for p in params}), parts={},
+      **bench.environment(), parameters=len(params), distinct_parameter_shapes=len({p.shape for p in params}),
+      parts={},
   )
   for part in args.parts:
     result['parts'][part] = measure(*programs[part])
@@ -149,11 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  result = run(args)
-  print(json.dumps(result, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  bench.report(run(args), args.json)
 
 
 if __name__ == '__main__':
