@@ -10,7 +10,8 @@ compiled once; images/s is the median over timed steps after warm-up. With --ref
 architecture and batch run in PyTorch in the same process (torchvision's DenseNets for the ImageNet
 models when torchvision is installed, densenet_jax.torch_reference otherwise; channels_last and bfloat16
 autocast on GPU); with --memory_efficient --reference plain the reference is the same model without
-memory_efficient; with --reference xla_options it is the same step compiled with the XLA options given
+memory_efficient; with --layers_per_scan N --reference unrolled it is the same model with its dense layers
+written out; with --reference xla_options it is the same step compiled with the XLA options given
 in --xla_options (e.g. XLA:CPU's own choice of convolution kernels, see docs/performance.md). The two
 alternate in rounds, so that both see the same machine state.
 """
@@ -107,6 +108,8 @@ class JaxRunner:
     self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
     self.eval_compiled = None  # Compiled when first needed.
     self.description = f'densenet_jax, memory_efficient={model.memory_efficient}'
+    if model.layers_per_scan:
+      self.description += f', layers_per_scan={model.layers_per_scan}'
     if xla_options:
       self.description += f', XLA options {json.dumps(xla_options)}'
 
@@ -189,12 +192,12 @@ def run(args: argparse.Namespace) -> dict:
   imagenet = models.create_model(args.model, num_classes=1).stem == 'imagenet'
   model = models.create_model(
       args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
-      dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient,
+      dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan,
   )
   size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
   result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
-                memory_efficient=args.memory_efficient, **environment())
+                memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan, **environment())
   runner = JaxRunner(model, args.batch, size)
   result.update(runner.facts())
   if args.compile_only:
@@ -204,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
     reference = TorchRunner(args.model, model, args.batch, size, args.torch_compile)
   elif args.reference == 'plain':  # The cost of memory_efficient=True: the same model without it.
     reference = JaxRunner(model.clone(memory_efficient=False), args.batch, size)
+  elif args.reference == 'unrolled':  # What scanning the dense layers costs and saves.
+    reference = JaxRunner(model.clone(layers_per_scan=0), args.batch, size)
   elif args.reference == 'xla_options':  # The same step, compiled with other XLA options.
     try:
       reference = JaxRunner(model, args.batch, size, args.xla_options)
@@ -248,14 +253,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--memory_efficient', action='store_true')
+  parser.add_argument('--layers_per_scan', type=int, default=0,
+                      help='compute dense blocks this many layers at a time (needs --memory_efficient)')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
-  parser.add_argument('--reference', choices=['torch', 'plain', 'xla_options'], default=None,
+  parser.add_argument('--reference', choices=['torch', 'plain', 'unrolled', 'xla_options'], default=None,
                       help='torch: PyTorch; plain: the same model without memory_efficient (needs '
-                           '--memory_efficient); xla_options: the same step compiled with --xla_options')
+                           '--memory_efficient); unrolled: the same model with layers_per_scan=0 (needs '
+                           '--layers_per_scan); xla_options: the same step compiled with --xla_options')
   parser.add_argument('--xla_options', default=None,
                       help='JSON object of XLA compile options for --reference xla_options, e.g. '
                            f"'{json.dumps(YNNPACK_CONVOLUTIONS)}' (XLA:CPU's default kernels)")
@@ -266,6 +274,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error('--batch, --steps and --rounds must be at least 1.')
   if args.reference == 'plain' and not args.memory_efficient:
     parser.error('--reference plain measures the cost of --memory_efficient: add --memory_efficient.')
+  if args.layers_per_scan < 0 or (args.layers_per_scan and not args.memory_efficient):
+    parser.error('--layers_per_scan N (N >= 1) computes the memory-efficient model: add --memory_efficient.')
+  if args.reference == 'unrolled' and not args.layers_per_scan:
+    parser.error('--reference unrolled measures the effect of --layers_per_scan: add --layers_per_scan N.')
   if (args.reference == 'xla_options') != (args.xla_options is not None):
     parser.error('--reference xla_options and --xla_options JSON go together.')
   if args.xla_options is not None:

@@ -285,7 +285,7 @@ def _model_from_run_config(config_path: str, params: Params) -> models.DenseNet:
   from densenet_jax import train
 
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(defaults.with_defaults(json.load(f)))
   num_classes = _kernel(params['classifier']).shape[-1]
   input_channels = _kernel(params['stem_conv']).shape[-2]
   return train.create_model(config, num_classes, input_channels)

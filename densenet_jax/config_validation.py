@@ -107,6 +107,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints'):
     if config[field] < 1:
       raise ConfigError(f'config.{field} must be at least 1, got {config[field]}.')
+  if config.layers_per_scan < 0 or (config.layers_per_scan and not config.memory_efficient):
+    raise ConfigError(
+        f'config.layers_per_scan={config.layers_per_scan} needs a whole number >= 0, and when positive also '
+        '--config.memory_efficient=True (a scanned dense block keeps only what memory_efficient keeps).'
+    )
   if not 0.0 <= config.dropout_rate < 1.0:
     raise ConfigError(f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}.')
   if config.learning_rate <= 0:
@@ -158,6 +163,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(path) as f:
       previous = json.load(f)
     cosmetic = {'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir'}
+    previous = defaults.with_defaults(previous)  # A field added since the run started ran at its default.
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in cosmetic and previous.get(k) != resolved.get(k))
     if changed:

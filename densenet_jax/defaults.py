@@ -4,6 +4,8 @@ Every file in configs/ starts from it and overrides a few fields; any field can 
 command line, e.g. `--config.num_epochs=10`.
 """
 
+import json
+
 import ml_collections
 
 # A run writes its resolved config here, inside the workdir (config_validation.check_workdir).
@@ -18,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.architecture = ml_collections.ConfigDict()  # depth, growth_rate, bottleneck, compression
   config.dropout_rate = 0.0
   config.memory_efficient = False
+  # n > 0: compute each dense block n layers at a time under jax.lax.scan (needs memory_efficient): the
+  # same model, several times faster to compile (docs/performance.md). 0: every layer written out.
+  config.layers_per_scan = 0
   config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
 
   # Data (densenet_jax.input_pipeline).
@@ -54,3 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = '~/.cache/densenet_jax/compilation_cache'
 
   return config
+
+
+def with_defaults(resolved: dict) -> dict:
+  """A run's resolved config (its config.json) completed with the fields added since, at their defaults."""
+  return {**json.loads(get_config().to_json_best_effort(sort_keys=True)), **resolved}

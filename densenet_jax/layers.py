@@ -85,17 +85,31 @@ class BatchNormReLU(nn.Module):
       mean = jnp.concatenate([m.mean for m in batch_moments])
       var = jnp.concatenate([m.var for m in batch_moments])
       if not self.is_initializing():
-        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        running_mean.value = running_average(running_mean.value, mean, self.momentum)
+        running_var.value = running_average(running_var.value, var, self.momentum)
     else:
       mean, var = running_mean.value, running_var.value
 
-    # relu((x - mean) * rsqrt(var + eps) * scale + bias) = relu(x * a + b): one fused pass that reads
-    # the feature maps and writes the normalized concatenation (XLA fuses the concatenate into it).
-    a = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-    b = bias.astype(jnp.float32) - mean * a
+    # XLA fuses the concatenate into the normalization: one pass reads the feature maps and writes
+    # the normalized concatenation.
     x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
-    return nn.relu(x.astype(jnp.float32) * a + b).astype(self.dtype)
+    return normalize_relu(x, Moments(mean, var), scale, bias, self.epsilon, self.dtype)
+
+
+def running_average(running: Array, batch: Array, momentum: float) -> Array:
+  """BatchNorm's running statistics after one batch: momentum * running + (1 - momentum) * batch."""
+  return momentum * running + (1 - momentum) * batch
+
+
+def normalize_relu(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
+  """relu((x - mean) * rsqrt(var + eps) * scale + bias) in float32, as relu(x * a + b), cast to `dtype`.
+
+  Folding the normalization into one multiply-add per element keeps no (x - mean) copy for the
+  backward pass.
+  """
+  a = jax.lax.rsqrt(stats.var + epsilon) * scale.astype(jnp.float32)
+  b = bias.astype(jnp.float32) - stats.mean * a
+  return nn.relu(x.astype(jnp.float32) * a + b).astype(dtype)
 
 
 def pointwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, precision=None, **unused) -> Array:
@@ -108,6 +122,43 @@ def pointwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, precision
   if tuple(window_strides) != (1, 1) or any(tuple(p) != (0, 0) for p in padding) or rhs.shape[:2] != (1, 1):
     raise ValueError('pointwise_conv computes only 1x1 convolutions with stride 1 and no padding.')
   return jnp.dot(lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _same_conv3x3(x: Array, kernel: Array) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def conv3x3(x: Array, kernel: Array) -> Array:
+  """A 3x3 stride-1 NHWC convolution padded by 1, whose gradients are NHWC/HWIO convolutions too.
+
+  Autodiff writes the gradients of a convolution as convolutions with permuted dimension labels,
+  which XLA:CPU rewrites into Eigen's NHWC/HWIO form at the top level of a program but not inside a
+  loop body: there it runs them through its generic emitter, 20x slower (docs/performance.md).
+  This writes them in that form, with explicit transposes.
+  """
+  return _same_conv3x3(x, kernel)
+
+
+def _conv3x3_forward(x: Array, kernel: Array):
+  return _same_conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_backward(residuals, gradient: Array):
+  x, kernel = residuals
+  # The input gradient correlates the output gradient with the flipped kernel, inputs and outputs swapped.
+  d_x = _same_conv3x3(gradient, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  # The kernel gradient, d_kernel[h, w, i, o] = sum over n, y, x of x_padded[n, y + h, x + w, i] *
+  # gradient[n, y, x, o], is a convolution with the input channels as its batch and the images as its
+  # input channels: a (channels, height, width, images) input, a (height, width, images, outputs) kernel.
+  d_kernel = _same_conv3x3(x.transpose(3, 1, 2, 0), gradient.transpose(1, 2, 0, 3))
+  return d_x.astype(x.dtype), d_kernel.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 
 @jax.custom_vjp

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax import layers, memory, xla_flags
+from densenet_jax import layers, memory, scanned_block, xla_flags
 
 Array = jax.Array
 Dtype = Any
@@ -134,16 +134,24 @@ def _dense_layer(layer: DenseLayer, features, batch_moments, train: bool) -> Arr
 
 
 class DenseBlock(_Layers):
-  """`num_layers` dense layers; the output concatenates the input and every layer's output."""
+  """`num_layers` dense layers; the output concatenates the input and every layer's output.
+
+  With `layers_per_scan` = n > 0 the block is computed n layers at a time under `jax.lax.scan`
+  (scanned_block.py): the same variables and function, compiled once per group of n layers instead
+  of once per layer.
+  """
 
   num_layers: int = 6
   growth_rate: int = 12
   bottleneck: bool = False
   dropout_rate: float = 0.0
   memory_efficient: bool = False
+  layers_per_scan: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
+    if self.layers_per_scan and not self.is_initializing():
+      return self._scanned(x, train)
     features = [x]
     # A channel's batch statistics are the same for every layer that reads it: compute them once.
     batch_moments = [layers.moments(x)] if train else None
@@ -162,6 +170,36 @@ class DenseBlock(_Layers):
       if train:
         batch_moments.append(layers.moments(new))
     return jnp.concatenate(features, axis=-1)
+
+  def _scanned(self, x: Array, train: bool) -> Array:
+    # The same variables, initialized by the unrolled layers above, computed by scanned_block.py.
+    spec = scanned_block.BlockSpec(
+        input_channels=x.shape[-1],
+        num_layers=self.num_layers,
+        growth_rate=self.growth_rate,
+        bottleneck=self.bottleneck,
+        layers_per_scan=self.layers_per_scan,
+        dropout_rate=self.dropout_rate,
+        epsilon=BATCH_NORM_EPSILON,
+        dtype=self.dtype,
+    )
+    names = [f'layer{i + 1}' for i in range(self.num_layers)]
+    params = [self.variables['params'][name] for name in names]
+    running = [self.variables['batch_stats'][name] for name in names]
+    if not train:
+      return scanned_block.evaluate(spec, x, params, running)
+    dropout_key = self.make_rng('dropout') if self.dropout_rate else None
+    output, batch = scanned_block.train(spec, x, params, dropout_key)
+    # Like every BatchNorm, a train-mode call needs mutable=['batch_stats'] (flax raises otherwise).
+    for name, layer_running, layer_batch in zip(names, running, batch):
+      self.put_variable('batch_stats', name, {
+          norm: {
+              'mean': layers.running_average(layer_running[norm]['mean'], stats.mean, BATCH_NORM_MOMENTUM),
+              'var': layers.running_average(layer_running[norm]['var'], stats.var, BATCH_NORM_MOMENTUM),
+          }
+          for norm, stats in layer_batch.items()
+      })
+    return output
 
 
 class Transition(_Layers):
@@ -197,6 +235,10 @@ class DenseNet(_Layers):
     compression: theta; a transition maps m channels to floor(theta * m) (the "C").
     dropout_rate: dropout after every conv except the stem's, in train mode only.
     memory_efficient: recompute concat-BN-ReLU-conv of each dense layer in the backward pass.
+    layers_per_scan: 0 writes every dense layer out; n > 0 computes each dense block n layers at a
+      time under jax.lax.scan, each layer reading its group's widest input through zero-padded
+      parameters (scanned_block.py): the same function and variables, far less to compile, the padded
+      channels' work on top. Needs memory_efficient=True, whose memory it keeps by construction.
     input_channels: channels the input images must have (checked, with a clear message).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
   """
@@ -210,6 +252,7 @@ class DenseNet(_Layers):
   compression: float = 0.5
   dropout_rate: float = 0.0
   memory_efficient: bool = False
+  layers_per_scan: int = 0
   input_channels: int = 3
 
   @property
@@ -243,7 +286,14 @@ class DenseNet(_Layers):
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Returns float32 logits of shape (batch, num_classes)."""
     self._check_input(x)
-    if self.memory_efficient and not memory.remat_is_effective():
+    if self.layers_per_scan < 0 or (self.layers_per_scan and not self.memory_efficient):
+      raise ValueError(
+          f'layers_per_scan={self.layers_per_scan}: use 0 (every dense layer written out) or a positive '
+          'number of layers per scan together with memory_efficient=True (a scanned block keeps only '
+          "what memory_efficient keeps: it has no variant that stores every layer's input)."
+      )
+    # A scanned block needs no rematerialization: its backward pass is written by hand.
+    if self.memory_efficient and not self.layers_per_scan and not memory.remat_is_effective():
       warnings.warn(
           'memory_efficient=True saves no memory on XLA:CPU unless XLA_FLAGS contains '
           f'{xla_flags.KEEP_REMAT_ON_CPU} when JAX starts (see densenet_jax/xla_flags.py).',
@@ -266,6 +316,7 @@ class DenseNet(_Layers):
           bottleneck=self.bottleneck,
           dropout_rate=self.dropout_rate,
           memory_efficient=self.memory_efficient,
+          layers_per_scan=self.layers_per_scan,
           name=f'block{b + 1}',
           **shared,
       )(x, train)

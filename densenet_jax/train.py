@@ -35,6 +35,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, input_chan
       num_classes=num_classes,
       dropout_rate=config.dropout_rate,
       memory_efficient=config.memory_efficient,
+      layers_per_scan=config.layers_per_scan,
       dtype=jnp.dtype(config.dtype),
       input_channels=input_channels,
   )

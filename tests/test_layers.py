@@ -158,3 +158,19 @@ def test_gradient_barrier_is_the_identity_with_its_gradient_kept_whole():
   with_barrier = functools.partial(loss, barrier=True)
   assert 'optimization_barrier' in str(jax.make_jaxpr(jax.grad(with_barrier))(x))
   assert 'optimization_barrier' not in str(jax.make_jaxpr(with_barrier)(x))
+
+
+def test_conv3x3_matches_flax_conv_with_its_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7))
+  conv = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+  params = conv.init(jax.random.key(1), x)
+  kernel = params['params']['kernel']
+  np.testing.assert_allclose(layers.conv3x3(x, kernel), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+
+  def loss(fn, x, kernel):
+    return jnp.sum(jnp.sin(fn(x, kernel)))
+
+  got = jax.grad(functools.partial(loss, layers.conv3x3), argnums=(0, 1))(x, kernel)
+  expected = jax.grad(functools.partial(loss, lambda x, k: conv.apply({'params': {'kernel': k}}, x)),
+                      argnums=(0, 1))(x, kernel)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)

@@ -126,6 +126,15 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
         dict(depth=11, growth_rate=4, bottleneck=True, compression=0.5))))
   with pytest.raises(config_validation.ConfigError, match='config.dataset'):
     config_validation.validate(tiny_config(dataset='cifar11'))
+  with pytest.raises(config_validation.ConfigError, match='memory_efficient=True'):
+    config_validation.validate(tiny_config(layers_per_scan=4))
+
+
+def test_layers_per_scan_reaches_the_model():
+  config = tiny_config(memory_efficient=True, layers_per_scan=4)
+  config_validation.validate(config)
+  model = training.create_model(config, num_classes=10, input_channels=1)
+  assert model.layers_per_scan == 4 and model.memory_efficient
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
@@ -133,6 +142,17 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   config_validation.check_workdir(tiny_config(log_every_steps=5), str(tmp_path))  # cosmetic change
   with pytest.raises(config_validation.ConfigError, match='learning_rate: 0.1 -> 0.2'):
     config_validation.check_workdir(tiny_config(learning_rate=0.2), str(tmp_path))
+
+
+def test_a_run_started_before_a_config_field_existed_resumes(tmp_path):
+  config_validation.check_workdir(tiny_config(), str(tmp_path))
+  path = tmp_path / config_validation.RESOLVED_CONFIG_FILE
+  older = json.loads(path.read_text())
+  del older['layers_per_scan']  # as written before the field was added
+  path.write_text(json.dumps(older))
+  config_validation.check_workdir(tiny_config(), str(tmp_path))  # the field's default: same config
+  with pytest.raises(config_validation.ConfigError, match='layers_per_scan: 0 -> 2'):
+    config_validation.check_workdir(tiny_config(memory_efficient=True, layers_per_scan=2), str(tmp_path))
 
 
 def test_init_from_replaces_the_head_when_classes_differ(tmp_path):

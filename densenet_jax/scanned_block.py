@@ -1,0 +1,302 @@
+"""A dense block computed a group of layers at a time under `jax.lax.scan`: same function, less code.
+
+Written out layer by layer, every layer of a dense block reads a different number of channels, so XLA
+compiles every layer's kernels anew and a deep DenseNet takes minutes to compile. Here the layers of a
+block are split into groups of `layers_per_scan`, and every layer of a group reads the group's widest
+input: a prefix of the block's output buffer, zero-padded where later layers have not written yet. The
+layer's first BatchNorm scale and bias and its first convolution kernel are zero-padded to that width,
+so the padded channels are normalized to relu(0 * x + 0) = 0 and multiplied by zero weights: the result,
+the gradients and the variables are exactly those of the unrolled block. XLA compiles one loop body
+per group instead of one set of kernels per layer; the price is the padded channels' work in the first
+BatchNorm-ReLU and convolution of each layer.
+
+The backward pass is written by hand (`jax.custom_vjp`). A channel that a layer must not see is one
+its zero-padded parameters ignore, so the backward pass can read every layer's input from the block's
+*final* output buffer instead of keeping one buffer per layer. It keeps the output buffer, the batch
+moments and each layer's bottleneck output (the activations `memory_efficient=True` keeps) and
+recomputes the rest, so activation memory grows linearly with depth.
+
+In training mode the BatchNorm statistics of a channel are computed once, when the channel is written
+(as in the unrolled block); they are returned for the running averages and are not differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from densenet_jax import layers
+from densenet_jax.layers import Moments
+
+Array = jax.Array
+Tree = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """The static shape of a dense block and how it is grouped."""
+
+  input_channels: int
+  num_layers: int
+  growth_rate: int
+  bottleneck: bool
+  layers_per_scan: int
+  dropout_rate: float
+  epsilon: float
+  dtype: Any
+
+  def __post_init__(self):
+    if self.layers_per_scan < 1:
+      raise ValueError(f'layers_per_scan must be at least 1, got {self.layers_per_scan}.')
+
+  @property
+  def output_channels(self) -> int:
+    return self.input_width(self.num_layers)
+
+  def input_width(self, layer: int) -> int:
+    """Channels that layer `layer` (0-based) reads: the block input and every earlier layer's output."""
+    return self.input_channels + layer * self.growth_rate
+
+  def groups(self) -> list[range]:
+    n = self.layers_per_scan
+    return [range(start, min(start + n, self.num_layers)) for start in range(0, self.num_layers, n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The variables of a group, stacked and padded: one array per kind of variable, one row per layer.
+
+
+def _pad_last(x: Array, width: int, axis: int = -1) -> Array:
+  padding = [(0, 0)] * x.ndim
+  padding[axis] = (0, width - x.shape[axis])
+  return jnp.pad(x, padding)
+
+
+def _pad_layer(layer: Tree, width: int) -> dict[str, Any]:
+  """A layer's params or batch_stats with its first BatchNorm and convolution padded to `width` inputs."""
+  padded = {name: dict(variables) for name, variables in layer.items()}
+  padded['norm1'] = {name: _pad_last(v, width) for name, v in layer['norm1'].items()}
+  if 'conv1' in layer:
+    padded['conv1'] = {'kernel': _pad_last(layer['conv1']['kernel'], width, axis=-2)}
+  return padded
+
+
+def stack_groups(spec: BlockSpec, per_layer: Sequence[Tree]) -> list[Any]:
+  """Per group, the layers' variables padded to the group's width and stacked along a new first axis."""
+  stacked = []
+  for group in spec.groups():
+    width = spec.input_width(group[-1])
+    padded = [_pad_layer(per_layer[i], width) for i in group]
+    stacked.append(jax.tree.map(lambda *rows: jnp.stack(rows), *padded))
+  return stacked
+
+
+# ----------------------------------------------------------------------------------------------
+# One dense layer on a padded input: BN-ReLU-conv ("bottom"), and for DenseNet-B BN-ReLU-conv3x3 ("top").
+
+
+def _conv3x3(x: Array, kernel: Array, dtype: Any) -> Array:
+  return layers.conv3x3(x.astype(dtype), kernel.astype(dtype))
+
+
+def _dropout(x: Array, rate: float, key: Array | None) -> Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _dropout_keys(key: Array | None) -> tuple[Array | None, Array | None]:
+  return (None, None) if key is None else tuple(jax.random.split(key))
+
+
+def _bottom(spec: BlockSpec, x: Array, stats: Moments, params: Tree, key: Array | None) -> Array:
+  """BN-ReLU-conv of the padded input: the bottleneck 1x1 conv (DenseNet-B) or the layer's 3x3 conv."""
+  norm = params['norm1']
+  y = layers.normalize_relu(x, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
+  kernel = params['conv1']['kernel']
+  if spec.bottleneck:
+    z = jnp.dot(y, kernel.reshape(kernel.shape[-2:]).astype(spec.dtype))
+  else:
+    z = _conv3x3(y, kernel, spec.dtype)
+  return _dropout(z, spec.dropout_rate, _dropout_keys(key)[0])
+
+
+def _top(spec: BlockSpec, z: Array, stats: Moments | None, params: Tree, key: Array | None):
+  """BN-ReLU-conv3x3 of the bottleneck output; batch moments when `stats` is None (training)."""
+  stats = layers.moments(z) if stats is None else stats
+  norm = params['norm2']
+  y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
+  new = _conv3x3(y, params['conv2']['kernel'], spec.dtype)
+  return _dropout(new, spec.dropout_rate, _dropout_keys(key)[1]), stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward pass, shared by training (batch moments) and evaluation (running statistics).
+
+
+def _forward(spec, x, group_params, group_keys, group_stats):
+  """(output buffer, block moments, per group: bottleneck outputs and their moments).
+
+  Training when `group_stats` is None: every layer normalizes with the batch moments of the channels it
+  reads, which are computed once per channel and carried along with the buffer.
+  """
+  train = group_stats is None
+  batch, height, width, _ = x.shape
+  buffer = jnp.zeros((batch, height, width, spec.output_channels), x.dtype)
+  buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, 0, axis=-1)
+  carry_moments = None
+  if train:
+    first = layers.moments(x)
+    carry_moments = Moments(*(_pad_last(m, spec.output_channels) for m in first))
+
+  saved = []
+  group_stats = group_stats or [None] * len(group_params)
+  for group, params, keys, stats in zip(spec.groups(), group_params, group_keys, group_stats):
+    group_width = spec.input_width(group[-1])
+
+    def body(carry, row, group_width=group_width):
+      buffer, block_moments = carry
+      index, params, key, stats = row
+      norm1 = Moments(*(m[:group_width] for m in block_moments)) if train else Moments(**stats['norm1'])
+      z = _bottom(spec, buffer[..., :group_width], norm1, params, key)
+      new, z_moments = z, None
+      if spec.bottleneck:
+        new, z_moments = _top(spec, z, None if train else Moments(**stats['norm2']), params, key)
+      position = spec.input_width(index)
+      buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), position, axis=-1)
+      if train:
+        block_moments = Moments(*(
+            jax.lax.dynamic_update_slice_in_dim(m, new_m, position, axis=0)
+            for m, new_m in zip(block_moments, layers.moments(new))
+        ))
+      keep = (z, z_moments) if train and spec.bottleneck else None
+      return (buffer, block_moments), keep
+
+    rows = (jnp.arange(group.start, group.stop), params, keys, stats)
+    (buffer, carry_moments), keep = jax.lax.scan(body, (buffer, carry_moments), rows)
+    saved.append(keep)
+  return buffer, carry_moments, saved
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: forward with batch moments, backward by hand from the final buffer.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train(spec: BlockSpec, x: Array, group_params: list[Any], group_keys: list[Any]):
+  buffer, block_moments, saved = _forward(spec, x, group_params, group_keys, None)
+  return buffer, (block_moments, _bottleneck_moments(saved))
+
+
+def _bottleneck_moments(saved):
+  return [None if keep is None else keep[1] for keep in saved]
+
+
+def _train_forward(spec, x, group_params, group_keys):
+  buffer, block_moments, saved = _forward(spec, x, group_params, group_keys, None)
+  bottlenecks = [None if keep is None else keep[0] for keep in saved]
+  residuals = (x, buffer, block_moments, group_params, group_keys, bottlenecks)
+  return (buffer, (block_moments, _bottleneck_moments(saved))), residuals
+
+
+def _train_backward(spec, residuals, cotangents):
+  x, buffer, block_moments, group_params, group_keys, bottlenecks = residuals
+  d_buffer = cotangents[0]  # The moments are statistics for the running averages: not differentiated.
+  d_moments = Moments(*(jnp.zeros_like(m) for m in block_moments))
+  growth = spec.growth_rate
+
+  d_group_params = []
+  for group, params, keys, z in reversed(list(zip(spec.groups(), group_params, group_keys, bottlenecks))):
+    group_width = spec.input_width(group[-1])
+    inputs = buffer[..., :group_width]
+    norm1 = Moments(*(m[:group_width] for m in block_moments))
+
+    def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
+      d_buffer, d_moments = carry
+      index, params, key, z = row
+      position = spec.input_width(index)
+      new = jax.lax.dynamic_slice_in_dim(buffer, position, growth, axis=-1)
+      # Every later layer has added its share of this layer's output gradient; add the share that
+      # flows through the batch moments of the new channels.
+      d_new = jax.lax.dynamic_slice_in_dim(d_buffer, position, growth, axis=-1)
+      d_new_moments = Moments(*(jax.lax.dynamic_slice_in_dim(d, position, growth) for d in d_moments))
+      d_new = d_new + jax.vjp(layers.moments, new)[1](d_new_moments)[0]
+
+      def bottom(inputs, norm1, params):
+        return _bottom(spec, inputs, norm1, params, key)
+
+      if spec.bottleneck:
+        def top(z, params):
+          return _top(spec, z, None, params, key)
+
+        (_, z_moments), top_vjp = jax.vjp(top, z, params)
+        d_z, d_params_top = top_vjp((d_new, Moments(*(jnp.zeros_like(m) for m in z_moments))))
+      else:
+        d_z, d_params_top = d_new, None
+      _, bottom_vjp = jax.vjp(bottom, inputs, norm1, params)
+      d_inputs, d_norm1, d_params = bottom_vjp(d_z)
+      if d_params_top is not None:
+        d_params = jax.tree.map(jnp.add, d_params, d_params_top)
+      d_buffer = d_buffer.at[..., :group_width].add(d_inputs)
+      d_moments = Moments(*(d.at[:group_width].add(dn) for d, dn in zip(d_moments, d_norm1)))
+      return (d_buffer, d_moments), d_params
+
+    rows = (jnp.arange(group.start, group.stop), params, keys, z)
+    (d_buffer, d_moments), d_params = jax.lax.scan(body, (d_buffer, d_moments), rows, reverse=True)
+    d_group_params.append(d_params)
+
+  c0 = spec.input_channels
+  d_x = d_buffer[..., :c0] + jax.vjp(layers.moments, x)[1](Moments(*(d[:c0] for d in d_moments)))[0]
+  return d_x.astype(x.dtype), d_group_params[::-1], jax.tree.map(lambda _: None, group_keys)
+
+
+_train.defvjp(_train_forward, _train_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points for DenseBlock.
+
+
+def _group_keys(spec: BlockSpec, key: Array | None) -> list[Any]:
+  if key is None or spec.dropout_rate == 0.0:
+    return [None] * len(spec.groups())
+  keys = jax.random.split(key, spec.num_layers)
+  return [keys[group.start:group.stop] for group in spec.groups()]
+
+
+def train(spec: BlockSpec, x: Array, params: Sequence[Tree], dropout_key: Array | None = None):
+  """The block's output in training mode, and each layer's batch statistics (not differentiated).
+
+  `params[i]` are the params of layer i as `DenseLayer` has them. Returns (output, stats) where
+  stats[i] = {'norm1': Moments, 'norm2': Moments} (norm2 only with a bottleneck), the batch mean and
+  variance each BatchNorm of layer i normalized with.
+  """
+  x = x.astype(spec.dtype)
+  output, (block_moments, bottleneck_moments) = _train(
+      spec, x, stack_groups(spec, params), _group_keys(spec, dropout_key)
+  )
+  block_moments = jax.lax.stop_gradient(block_moments)
+  stats = []
+  for group, group_moments in zip(spec.groups(), bottleneck_moments):
+    for row, i in enumerate(group):
+      width = spec.input_width(i)
+      layer_stats = {'norm1': Moments(*(m[:width] for m in block_moments))}
+      if group_moments is not None:
+        layer_stats['norm2'] = Moments(*(jax.lax.stop_gradient(m[row]) for m in group_moments))
+      stats.append(layer_stats)
+  return output, stats
+
+
+def evaluate(spec: BlockSpec, x: Array, params: Sequence[Tree], batch_stats: Sequence[Tree]) -> Array:
+  """The block's output in evaluation mode (running statistics); differentiable by JAX as usual."""
+  x = x.astype(spec.dtype)
+  output, _, _ = _forward(
+      spec, x, stack_groups(spec, params), _group_keys(spec, None), stack_groups(spec, batch_stats)
+  )
+  return output

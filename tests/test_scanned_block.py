@@ -1,0 +1,123 @@
+"""Scanned dense blocks (layers_per_scan > 0) compute exactly the unrolled model, with less memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from densenet_jax import memory, models, scanned_block
+
+
+def tiny_model(bottleneck=True, **overrides):
+  """Two blocks of three layers on 8x8 images (three layers: groups of 1, 2 and 3 all differ)."""
+  depth = 15 if bottleneck else 9
+  return models.cifar_densenet(depth, 4, bottleneck=bottleneck, compression=0.5, num_blocks=2, num_classes=5,
+                               memory_efficient=True, **overrides)
+
+
+def randomized(tree, seed):
+  """Init gives BatchNorm ones and zeros; perturb every variable so that a wrong statistic shows."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + 0.3 * jnp.abs(jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)])
+
+
+def run(model, variables, x, labels):
+  """Train-mode loss, logits, new batch statistics and gradients; eval-mode logits and input gradient."""
+
+  def loss_fn(params):
+    logits, updates = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
+
+  def eval_fn(x):
+    logits = model.apply(variables, x)
+    return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+  input_grad, eval_logits = jax.grad(eval_fn, has_aux=True)(x)
+  return dict(loss=loss, logits=logits, batch_stats=updates['batch_stats'], grads=grads,
+              eval_logits=eval_logits, eval_input_grad=input_grad)
+
+
+@pytest.mark.parametrize('bottleneck, layers_per_scan', [(True, 1), (True, 2), (True, 3), (False, 2)])
+def test_scanned_blocks_compute_the_unrolled_model(bottleneck, layers_per_scan):
+  unrolled = tiny_model(bottleneck)
+  scanned = unrolled.clone(layers_per_scan=layers_per_scan)
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+  labels = jnp.arange(6) % 5
+  variables = jax.jit(unrolled.init)(jax.random.key(1), x)
+  # The same variables: checkpoints and converted weights move freely between the two.
+  assert jax.tree.structure(jax.eval_shape(scanned.init, jax.random.key(1), x)) == jax.tree.structure(variables)
+  variables = randomized(variables, seed=2)
+
+  expected = jax.jit(run, static_argnums=0)(unrolled, variables, x, labels)
+  got = jax.jit(run, static_argnums=0)(scanned, variables, x, labels)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for name in expected:
+    for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(expected[name])):
+      scale = float(jnp.max(jnp.abs(b)))
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+  # The running statistics moved, so the comparison above checked real updates.
+  assert not np.allclose(got['batch_stats']['block1']['layer3']['norm1']['mean'],
+                         variables['batch_stats']['block1']['layer3']['norm1']['mean'])
+
+
+@pytest.mark.parametrize('bottleneck', [True, False])
+def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
+  # With dropout: the masks of a scanned block are its own, so the check is against JAX's own
+  # differentiation of the scanned forward pass (same masks), not against the unrolled block.
+  spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, growth_rate=3, bottleneck=bottleneck,
+                                 layers_per_scan=2, dropout_rate=0.3, epsilon=1e-5, dtype=jnp.float32)
+  x = 1.0 + jax.random.normal(jax.random.key(0), (4, 6, 6, spec.input_channels))
+  block = models.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
+  params = randomized(block.init(jax.random.key(1), x, train=False)['params'], seed=3)
+  params = [params[f'layer{i + 1}'] for i in range(spec.num_layers)]
+  key = jax.random.key(4)
+  weights = jax.random.normal(jax.random.key(5), (4, 6, 6, spec.output_channels))
+
+  def by_hand(x, params):
+    output, _ = scanned_block.train(spec, x, params, key)
+    return jnp.sum(output * weights)
+
+  def by_autodiff(x, params):
+    groups = scanned_block.stack_groups(spec, params)
+    output, _, _ = scanned_block._forward(spec, x, groups, scanned_block._group_keys(spec, key), None)
+    return jnp.sum(output * weights)
+
+  got = jax.jit(jax.value_and_grad(by_hand, argnums=(0, 1)))(x, params)
+  expected = jax.jit(jax.value_and_grad(by_autodiff, argnums=(0, 1)))(x, params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  # Dropout is on: the output differs from the same block without it.
+  no_dropout = scanned_block.BlockSpec(**{**spec.__dict__, 'dropout_rate': 0.0})
+  assert not np.allclose(scanned_block.train(spec, x, params, key)[0], scanned_block.train(no_dropout, x, params)[0])
+
+
+def test_scanned_blocks_keep_less_than_the_plain_model():
+  plain = models.cifar_densenet(28, 8, bottleneck=True, compression=0.5)
+  scanned = plain.clone(memory_efficient=True, layers_per_scan=2)
+  plain_bytes, scanned_bytes = (memory.train_step_temp_bytes(m, 8, (16, 16, 3)) for m in (plain, scanned))
+  # 0.65x for this small model (measured; memory_efficient alone gives the same); the saving grows with
+  # depth: DenseNet-BC L=190 in docs/performance.md.
+  assert scanned_bytes <= 0.7 * plain_bytes, (plain_bytes, scanned_bytes)
+
+
+def test_bfloat16_scanned_blocks_match_the_unrolled_ones():
+  unrolled = tiny_model(dtype=jnp.bfloat16)
+  scanned = unrolled.clone(layers_per_scan=2)
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+  variables = jax.jit(unrolled.init)(jax.random.key(1), x)
+  expected = jax.jit(run, static_argnums=0)(unrolled, variables, x, jnp.arange(6) % 5)
+  got = jax.jit(run, static_argnums=0)(scanned, variables, x, jnp.arange(6) % 5)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(got['grads']))
+  for name in ('logits', 'eval_logits'):
+    scale = float(jnp.max(jnp.abs(expected[name])))
+    assert float(jnp.max(jnp.abs(got[name] - expected[name]))) < 0.05 * scale, name
+
+
+@pytest.mark.parametrize('options', [dict(layers_per_scan=2), dict(layers_per_scan=-1, memory_efficient=True)])
+def test_layers_per_scan_needs_memory_efficient_and_a_positive_number(options):
+  model = tiny_model().clone(memory_efficient=False).clone(**options)
+  with pytest.raises(ValueError, match='layers_per_scan'):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
