@@ -79,7 +79,7 @@ def _pad_last(x: Array, width: int, axis: int = -1) -> Array:
 
 def _pad_layer(layer: Tree, width: int) -> dict[str, Any]:
   """A layer's params or batch_stats with its first BatchNorm and convolution padded to `width` inputs."""
-  padded = {name: dict(variables) for name, variables in layer.items()}
+  padded = dict(layer)
   padded['norm1'] = {name: _pad_last(v, width) for name, v in layer['norm1'].items()}
   if 'conv1' in layer:
     padded['conv1'] = {'kernel': _pad_last(layer['conv1']['kernel'], width, axis=-2)}
@@ -112,6 +112,7 @@ def _dropout(x: Array, rate: float, key: Array | None) -> Array:
 
 
 def _dropout_keys(key: Array | None) -> tuple[Array | None, Array | None]:
+  """A layer's key split into the keys of its two dropouts (after the first and the second conv)."""
   return (None, None) if key is None else tuple(jax.random.split(key))
 
 
@@ -124,7 +125,7 @@ def _bottom(spec: BlockSpec, x: Array, stats: Moments, params: Tree, key: Array 
     z = jnp.dot(y, kernel.reshape(kernel.shape[-2:]).astype(spec.dtype))
   else:
     z = _conv3x3(y, kernel, spec.dtype)
-  return _dropout(z, spec.dropout_rate, _dropout_keys(key)[0])
+  return _dropout(z, spec.dropout_rate, key)
 
 
 def _top(spec: BlockSpec, z: Array, stats: Moments | None, params: Tree, key: Array | None):
@@ -133,7 +134,7 @@ def _top(spec: BlockSpec, z: Array, stats: Moments | None, params: Tree, key: Ar
   norm = params['norm2']
   y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   new = _conv3x3(y, params['conv2']['kernel'], spec.dtype)
-  return _dropout(new, spec.dropout_rate, _dropout_keys(key)[1]), stats
+  return _dropout(new, spec.dropout_rate, key), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,11 +164,12 @@ def _forward(spec, x, group_params, group_keys, group_stats):
     def body(carry, row, group_width=group_width):
       buffer, block_moments = carry
       index, params, key, stats = row
+      bottom_key, top_key = _dropout_keys(key)
       norm1 = Moments(*(m[:group_width] for m in block_moments)) if train else Moments(**stats['norm1'])
-      z = _bottom(spec, buffer[..., :group_width], norm1, params, key)
+      z = _bottom(spec, buffer[..., :group_width], norm1, params, bottom_key)
       new, z_moments = z, None
       if spec.bottleneck:
-        new, z_moments = _top(spec, z, None if train else Moments(**stats['norm2']), params, key)
+        new, z_moments = _top(spec, z, None if train else Moments(**stats['norm2']), params, top_key)
       position = spec.input_width(index)
       buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), position, axis=-1)
       if train:
@@ -190,19 +192,14 @@ def _forward(spec, x, group_params, group_keys, group_stats):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _train(spec: BlockSpec, x: Array, group_params: list[Any], group_keys: list[Any]):
-  buffer, block_moments, saved = _forward(spec, x, group_params, group_keys, None)
-  return buffer, (block_moments, _bottleneck_moments(saved))
-
-
-def _bottleneck_moments(saved):
-  return [None if keep is None else keep[1] for keep in saved]
+  return _train_forward(spec, x, group_params, group_keys)[0]  # XLA drops the unused residuals.
 
 
 def _train_forward(spec, x, group_params, group_keys):
   buffer, block_moments, saved = _forward(spec, x, group_params, group_keys, None)
-  bottlenecks = [None if keep is None else keep[0] for keep in saved]
-  residuals = (x, buffer, block_moments, group_params, group_keys, bottlenecks)
-  return (buffer, (block_moments, _bottleneck_moments(saved))), residuals
+  bottlenecks, bottleneck_moments = zip(*[(None, None) if keep is None else keep for keep in saved])
+  residuals = (x, buffer, block_moments, group_params, group_keys, list(bottlenecks))
+  return (buffer, (block_moments, list(bottleneck_moments))), residuals
 
 
 def _train_backward(spec, residuals, cotangents):
@@ -220,6 +217,7 @@ def _train_backward(spec, residuals, cotangents):
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
       index, params, key, z = row
+      bottom_key, top_key = _dropout_keys(key)
       position = spec.input_width(index)
       new = jax.lax.dynamic_slice_in_dim(buffer, position, growth, axis=-1)
       # Every later layer has added its share of this layer's output gradient; add the share that
@@ -229,11 +227,11 @@ def _train_backward(spec, residuals, cotangents):
       d_new = d_new + jax.vjp(layers.moments, new)[1](d_new_moments)[0]
 
       def bottom(inputs, norm1, params):
-        return _bottom(spec, inputs, norm1, params, key)
+        return _bottom(spec, inputs, norm1, params, bottom_key)
 
       if spec.bottleneck:
         def top(z, params):
-          return _top(spec, z, None, params, key)
+          return _top(spec, z, None, params, top_key)
 
         (_, z_moments), top_vjp = jax.vjp(top, z, params)
         d_z, d_params_top = top_vjp((d_new, Moments(*(jnp.zeros_like(m) for m in z_moments))))
