@@ -8,7 +8,7 @@ Needs only jax, flax and optax (and torch for --reference torch): no TensorFlow.
 library's own (densenet_jax.steps.train_step: forward, backward, SGD update, BatchNorm statistics),
 compiled once; images/s is the median over timed steps after warm-up. With --reference torch the same
 architecture and batch run in PyTorch in the same process (torchvision's DenseNets for the ImageNet
-models when torchvision is installed, densenet_jax.torch_reference otherwise; channels_last and bfloat16
+models when torchvision is installed, benchmarks.torch_reference otherwise; channels_last and bfloat16
 autocast on GPU); with --memory_efficient --reference plain the reference is the same model without
 memory_efficient; with --layers_per_scan N --reference unrolled it is the same model with its dense layers
 written out; with --reference xla_options it is the same step compiled with the XLA options given
@@ -38,7 +38,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from densenet_jax import models, optim, steps, summary  # noqa: E402
+from densenet_jax import model as model_lib  # noqa: E402
+from densenet_jax.training import optim
+from densenet_jax.training import steps
+from densenet_jax import summary
 
 # XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
 YNNPACK_CONVOLUTIONS = {xla_flags.YNN_FUSION_TYPE: ','.join(xla_flags.YNN_FUSION_TYPES_XLA_DEFAULT)}
@@ -87,7 +90,7 @@ def take_turns(fns: Mapping[str, Callable[[], object]], rounds: int, steps: int 
 class JaxRunner:
   """The library's compiled train and eval steps on one synthetic batch."""
 
-  def __init__(self, model: models.DenseNet, batch: int, size: int, xla_options: Mapping | None = None):
+  def __init__(self, model: model_lib.DenseNet, batch: int, size: int, xla_options: Mapping | None = None):
     self.batch = batch
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((batch, size, size, model.input_channels)), jnp.float32)
@@ -130,7 +133,7 @@ class JaxRunner:
 class TorchRunner:
   """The same architecture, batch and optimizer in PyTorch."""
 
-  def __init__(self, name: str, model: models.DenseNet, batch: int, size: int, compile_model: bool):
+  def __init__(self, name: str, model: model_lib.DenseNet, batch: int, size: int, compile_model: bool):
     import torch  # noqa: PLC0415 (optional dependency)
 
     from densenet_jax import torch_reference  # noqa: PLC0415
@@ -141,10 +144,10 @@ class TorchRunner:
     try:
       import torchvision  # noqa: PLC0415
       net = getattr(torchvision.models, name)(num_classes=model.num_classes) if model.stem == 'imagenet' else None
-      self.source = f'torchvision {torchvision.__version__}' if net is not None else 'densenet_jax.torch_reference'
+      self.source = f'torchvision {torchvision.__version__}' if net is not None else 'benchmarks.torch_reference'
     except ImportError:
       net = None
-      self.source = 'densenet_jax.torch_reference'
+      self.source = 'benchmarks.torch_reference'
     net = net or torch_reference.build_torch_densenet(model)
     net = net.to(device).train()
     if self.gpu:
@@ -189,8 +192,8 @@ class TorchRunner:
 
 
 def run(args: argparse.Namespace) -> dict:
-  imagenet = models.create_model(args.model, num_classes=1).stem == 'imagenet'
-  model = models.create_model(
+  imagenet = model_lib.create_model(args.model, num_classes=1).stem == 'imagenet'
+  model = model_lib.create_model(
       args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
       dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan,
   )
@@ -247,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(models.MODELS))
+  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(model_lib.MODELS))
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
   parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')

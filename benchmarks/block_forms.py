@@ -11,7 +11,7 @@ gradients:
   ReLU -> Conv1x1 -> BatchNorm -> ReLU -> Conv3x3 with flax.linen.BatchNorm and flax.linen.Conv.
 * `buffer`: the same layers, but the block preallocates its output (all channels it will ever have) and
   writes each new feature map into it with lax.dynamic_update_slice; layer i reads a prefix slice.
-* `library`: densenet_jax.models.DenseBlock (moments once per feature map, BatchNorm folded into the
+* `library`: densenet_jax.model.DenseBlock (moments once per feature map, BatchNorm folded into the
   ReLU, 1x1 convs as matmuls; see densenet_jax/layers.py).
 * `library_buffer`: the library's layers reading from a preallocated buffer.
 
@@ -40,7 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/, this script's folder)
-from densenet_jax import layers, models  # noqa: E402
+from densenet_jax.model import layers  # noqa: E402
+from densenet_jax import model as model_lib
 
 
 class PlainLayer(nn.Module):
@@ -52,12 +53,12 @@ class PlainLayer(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     def norm(name):
       return nn.BatchNorm(
-          use_running_average=False, momentum=models.BATCH_NORM_MOMENTUM, epsilon=models.BATCH_NORM_EPSILON, name=name
+          use_running_average=False, momentum=model_lib.BATCH_NORM_MOMENTUM, epsilon=model_lib.BATCH_NORM_EPSILON, name=name
       )
 
-    conv_init = models.conv_kernel_init
+    conv_init = model_lib.conv_kernel_init
     x = nn.relu(norm('norm1')(x))
-    x = nn.Conv(models.BOTTLENECK_WIDTH * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
+    x = nn.Conv(model_lib.BOTTLENECK_WIDTH * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
                 name='conv1')(x)
     x = nn.relu(norm('norm2')(x))
     return nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init,
@@ -104,7 +105,7 @@ class LibraryBlock(_Block):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     # The library's block, under a wrapper so that all four forms share one parameter tree.
-    return models.DenseBlock(
+    return model_lib.DenseBlock(
         num_layers=self.num_layers, growth_rate=self.growth_rate, bottleneck=True, name='block'
     )(x, train=True)
 
@@ -117,7 +118,7 @@ class LibraryBufferBlock(_Block):
     batch_moments = [layers.moments(x)]
     for i in range(self.num_layers):
       read_moments = layers.Moments(*(jnp.concatenate(m) for m in zip(*batch_moments)))
-      new = models.DenseLayer(growth_rate=self.growth_rate, bottleneck=True, name=f'layer{i + 1}')(
+      new = model_lib.DenseLayer(growth_rate=self.growth_rate, bottleneck=True, name=f'layer{i + 1}')(
           [buffer[..., :channels]], [read_moments], True
       )
       buffer = _write(buffer, new, channels)

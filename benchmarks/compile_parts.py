@@ -40,7 +40,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/, this script's folder)
-from densenet_jax import models, steps, summary  # noqa: E402
+from densenet_jax import model as model_lib  # noqa: E402
+from densenet_jax.training import steps
+from densenet_jax import summary
 
 PARTS = ('forward', 'gradients', 'train_step', 'sgd_update', 'sgd_update_one_shape')
 
@@ -65,7 +67,7 @@ def kernel_counts(hlo_text: str) -> tuple[int, int]:
   return len(called), len({'\n'.join(bodies[callee]) for callee in called})
 
 
-def _programs(model: models.DenseNet, batch: int, size: int) -> dict[str, tuple[Callable, tuple]]:
+def _programs(model: model_lib.DenseNet, batch: int, size: int) -> dict[str, tuple[Callable, tuple]]:
   """Each part as a function and the abstract arguments it is compiled for."""
   learning_rate_fn, tx = bench.paper_optimizer()
   state = jax.eval_shape(functools.partial(
@@ -116,7 +118,7 @@ def measure(fn: Callable, args: tuple) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-  model = models.create_model(args.model, num_classes=args.num_classes, memory_efficient=args.memory_efficient,
+  model = model_lib.create_model(args.model, num_classes=args.num_classes, memory_efficient=args.memory_efficient,
                               layers_per_scan=args.layers_per_scan)
   size = args.image_size or summary.default_input_shape(model)[0]
   programs = _programs(model, args.batch, size)
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(models.MODELS))
+  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(model_lib.MODELS))
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
   parser.add_argument('--num_classes', type=int, default=10)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import input_pipeline as ip
+from densenet_jax.data import pipeline as ip
 
 JPEG_POOL = 128  # distinct encoded images, cycled
 IMAGENET_MOCK_EXAMPLES = 12_800

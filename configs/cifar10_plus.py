@@ -9,7 +9,7 @@ Learning rate 0.1, divided by 10 at epochs 150 and 225. Paper: https://arxiv.org
 
 import ml_collections
 
-from densenet_jax import defaults
+from densenet_jax import config as base
 
 CIFAR_MODELS = (
     'densenet_l40_k12',
@@ -26,7 +26,7 @@ def get_config(model: str = 'densenet_bc_l100_k12') -> ml_collections.ConfigDict
     raise ValueError(
         f'Unknown CIFAR model {model!r} after ":" in --config; choose one of {", ".join(CIFAR_MODELS)}.'
     )
-  config = defaults.get_config()
+  config = base.get_config()
   config.model = model
   config.dataset = 'cifar10'
   config.augment = True

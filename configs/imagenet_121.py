@@ -9,11 +9,11 @@ imagenet_161.py.
 
 import ml_collections
 
-from densenet_jax import defaults
+from densenet_jax import config as base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = defaults.get_config()
+  config = base.get_config()
   config.model = 'densenet121'
   config.dataset = 'imagenet2012'
   config.augment = True

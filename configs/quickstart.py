@@ -7,11 +7,11 @@
 
 import ml_collections
 
-from densenet_jax import defaults
+from densenet_jax import config as base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = defaults.get_config()
+  config = base.get_config()
   config.model = 'cifar_densenet'
   config.architecture = ml_collections.ConfigDict(
       dict(depth=16, growth_rate=12, bottleneck=True, compression=0.5)

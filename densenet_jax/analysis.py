@@ -1,6 +1,6 @@
 """Looking inside a DenseNet: feature reuse (the paper's Figure 5), channel growth, activations, memory.
 
-    model, variables = load_model(WORKDIR)          # a training workdir or converted weights
+    model, variables = load_model(WORKDIR)          # a training workdir or converted weights (workdir.py)
     reuse = feature_reuse(variables['params'])      # one BlockReuse per dense block
     plot_feature_reuse(reuse)                       # the heat maps of Figure 5
 
@@ -27,23 +27,22 @@ the transpose (source on the vertical axis, target on the horizontal one), as pl
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from densenet_jax import checkpoints, defaults, memory, models, xla_flags
+from densenet_jax import memory, xla_flags
+from densenet_jax import model as model_lib
+from densenet_jax.model import abstract_variables
+from densenet_jax.training.workdir import load_model
 
 Params = Mapping[str, Any]
-# From defaults (no TensorFlow): config_validation imports the input pipeline, which reading weights does not need.
-RUN_CONFIG_FILE = defaults.RESOLVED_CONFIG_FILE
+__all__ = ['abstract_variables', 'load_model']  # Re-exported: the notebooks' one import.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,21 +142,14 @@ def _kernel(module_params: Params) -> Any:
 # Architecture: channel growth, activations, memory.
 
 
-def paper_depth(model: models.DenseNet) -> int:
+def paper_depth(model: model_lib.DenseNet) -> int:
   """The paper's depth L: the stem conv, every dense-layer conv (two per bottleneck layer), the transition convs
   and the classifier (121 for DenseNet-121, 100 for DenseNet-BC L=100)."""
   convs_per_layer = 2 if model.bottleneck else 1
   return 1 + convs_per_layer * sum(model.block_sizes) + (len(model.block_sizes) - 1) + 1
 
 
-def abstract_variables(model: models.DenseNet) -> dict[str, Any]:
-  """The variable tree of `model` as ShapeDtypeStructs (no compute; shapes do not depend on image size)."""
-  size = model.min_input_size
-  shape = (1, size, size, model.input_channels)
-  return jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
-
-
-def channel_growth(model: models.DenseNet) -> dict[str, tuple[int, ...]]:
+def channel_growth(model: model_lib.DenseNet) -> dict[str, tuple[int, ...]]:
   """Channels of each block after 0, 1, ..., L layers: (k0, k0 + k, ..., k0 + L * k), read off the kernels.
 
   Entry l is what dense layer l + 1 reads; the last entry is the block's output, which the next transition
@@ -174,33 +166,14 @@ def channel_growth(model: models.DenseNet) -> dict[str, tuple[int, ...]]:
   return growth
 
 
-def block_activations(model: models.DenseNet, variables: Mapping[str, Any], images: Any) -> dict[str, np.ndarray]:
+def block_activations(model: model_lib.DenseNet, variables: Mapping[str, Any], images: Any) -> dict[str, np.ndarray]:
   """Eval-mode feature maps of a batch of NHWC images after the stem and after every block and transition.
 
   Returns {'stem': ..., 'block1': ..., 'transition1': ..., ..., 'blockB': ...} in network order, each
   (batch, height, width, channels) as numpy.
   """
-  order = []  # filled while tracing: jit returns dicts with sorted keys, not in network order
-
-  def forward(variables, images):
-    outputs = {}
-
-    def record(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if context.method_name == '__call__' and isinstance(context.module, (models.DenseBlock, models.Transition)):
-        if not outputs:  # The first block's input is the stem's output.
-          outputs['stem'] = args[0]
-        outputs[context.module.name] = out
-      return out
-
-    with nn.intercept_methods(record):
-      model.apply(variables, images, train=False)
-    order.extend(outputs)
-    return outputs
-
-  # The maps are returned from the traced function, so they leave jit as arrays, not tracers.
-  outputs = jax.jit(forward)(variables, jnp.asarray(images, jnp.float32))
-  return {name: np.asarray(outputs[name]) for name in order}
+  maps = jax.jit(functools.partial(model.apply, features=True))(variables, jnp.asarray(images, jnp.float32))
+  return {name: np.asarray(maps[name]) for name in model.stage_names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +208,7 @@ def activation_memory_vs_depth(
     )
   points = []
   for depth in depths:
-    model = models.cifar_densenet(depth, growth_rate, bottleneck=bottleneck, compression=compression,
+    model = model_lib.cifar_densenet(depth, growth_rate, bottleneck=bottleneck, compression=compression,
                                   num_classes=num_classes, input_channels=input_shape[-1])
     naive, efficient = (
         memory.train_step_temp_bytes(model.clone(memory_efficient=flag), batch_size, input_shape)
@@ -243,78 +216,6 @@ def activation_memory_vs_depth(
     )
     points.append(MemoryPoint(depth, naive, efficient))
   return tuple(points)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading what a user points at.
-
-
-def load_model(path: str) -> tuple[models.DenseNet, dict[str, Any]]:
-  """(model, variables) from a training workdir, one of its checkpoints/<step> directories, or converted weights.
-
-  The architecture comes from the run's config.json or from the converted weights' metadata; the numbers of
-  classes and input channels from the weights. The model computes in float32 without rematerialization (for
-  forward passes; the parameters are those of the checkpoint). Raises ValueError if they do not fit it.
-  """
-  path = os.path.abspath(path)
-  variables = checkpoints.load_variables(path)
-  config_path = _find_run_config(path)
-  if config_path is not None:
-    model = _model_from_run_config(config_path, variables['params'])
-  else:
-    model = _model_from_metadata(path, checkpoints.read_metadata(path))
-  model = model.clone(dtype=jnp.float32, memory_efficient=False)
-  _check_fits(model, variables, path)
-  return model, variables
-
-
-def _find_run_config(path: str) -> str | None:
-  """config.json of a workdir, given the workdir or one of its WORKDIR/{checkpoints,best}/<step> directories."""
-  candidates = [path]
-  if os.path.basename(os.path.dirname(path)) in (checkpoints.CHECKPOINTS_DIR, checkpoints.BEST_DIR):
-    candidates.append(os.path.dirname(os.path.dirname(path)))
-  for directory in candidates:
-    candidate = os.path.join(directory, RUN_CONFIG_FILE)
-    if os.path.isfile(candidate):
-      return candidate
-  return None
-
-
-def _model_from_run_config(config_path: str, params: Params) -> models.DenseNet:
-  # train imports the input pipeline (TensorFlow): only a training run's config needs its model builder.
-  from densenet_jax import train
-
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(defaults.with_defaults(json.load(f)))
-  num_classes = _kernel(params['classifier']).shape[-1]
-  input_channels = _kernel(params['stem_conv']).shape[-2]
-  return train.create_model(config, num_classes, input_channels)
-
-
-def _model_from_metadata(path: str, metadata: Mapping[str, Any]) -> models.DenseNet:
-  if metadata.get('num_classes') is None:
-    raise ValueError(
-        f'{path} holds no classifier (backbone weights) or no metadata; read its feature reuse with '
-        'feature_reuse(checkpoints.load_variables(path)["params"]).'
-    )
-  if metadata.get('architecture'):
-    architecture = {**metadata['architecture'], 'block_sizes': tuple(metadata['architecture']['block_sizes'])}
-    return models.DenseNet(**architecture, num_classes=metadata['num_classes'])
-  if metadata.get('model') in models.MODELS:
-    return models.create_model(metadata['model'], num_classes=metadata['num_classes'])
-  raise ValueError(f'The metadata of {path} names no architecture: {dict(metadata)}.')
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _check_fits(model: models.DenseNet, variables: Mapping[str, Any], path: str) -> None:
-  want, got = _shapes(abstract_variables(model)['params']), _shapes(variables['params'])
-  if want != got:
-    wrong = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    details = '; '.join(f'{k}: model {want.get(k)}, checkpoint {got.get(k)}' for k in wrong[:5])
-    raise ValueError(f'The weights at {path} do not fit the recorded architecture ({details}).')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import models
+from densenet_jax import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,52 +44,40 @@ class ModelSummary:
     return '\n'.join(lines)
 
 
-def default_input_shape(model: models.DenseNet) -> tuple[int, int, int]:
+def default_input_shape(model: model_lib.DenseNet) -> tuple[int, int, int]:
   size = 224 if model.stem == 'imagenet' else 32
   return (size, size, model.input_channels)
 
 
-def summarize(model: models.DenseNet, input_shape: Sequence[int] | None = None) -> ModelSummary:
-  """Counts parameters and multiply-adds per image and records each stage's output shape."""
+def summarize(model: model_lib.DenseNet, input_shape: Sequence[int] | None = None) -> ModelSummary:
+  """Counts parameters and multiply-adds per image and records each stage's output shape.
+
+  Multiply-adds follow the paper's convention: every convolution at the resolution of its output, a transition's
+  1x1 convolution at its input resolution (the model pools first and does a quarter of that), and the classifier.
+  """
   input_shape = tuple(input_shape or default_input_shape(model))
-  stages: list[Stage] = []
-  multiply_adds = 0
+  images = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  variables = model_lib.abstract_variables(model)
+  params = variables['params']
+  maps = jax.eval_shape(functools.partial(model.apply, features=True), variables, images)
+  stages = [Stage(name, tuple(maps[name].shape[1:])) for name in model.stage_names]
+  stages.append(Stage('classifier', (model.num_classes,)))
 
-  def record(next_fun, args, kwargs, context):
-    nonlocal multiply_adds
-    out = next_fun(*args, **kwargs)
-    if context.method_name != '__call__':
-      return out
-    module = context.module
-    if isinstance(module, nn.Conv) and isinstance(module.parent, models.Transition):
-      pass  # Counted with its Transition below.
-    elif isinstance(module, nn.Conv):
-      in_channels = args[0].shape[-1] // module.feature_group_count
-      multiply_adds += math.prod(out.shape[1:]) * math.prod(module.kernel_size) * in_channels
-    elif isinstance(module, nn.Dense):
-      multiply_adds += args[0].shape[-1] * out.shape[-1]
-      stages.append(Stage('classifier', tuple(out.shape[1:])))
-    elif isinstance(module, models.DenseBlock):
-      if not stages:  # The first block's input is the stem's output.
-        stages.append(Stage('stem', tuple(args[0].shape[1:])))
-      stages.append(Stage(module.name, tuple(out.shape[1:])))
-    elif isinstance(module, models.Transition):
-      # The usual convention (and the paper's): the 1x1 conv at the transition's input resolution.
-      # The implementation pools first and does a quarter of these (docs/performance.md).
-      multiply_adds += math.prod(args[0].shape[1:]) * out.shape[-1]
-      stages.append(Stage(module.name, tuple(out.shape[1:])))
-    return out
+  def convolution(kernel, output_height, output_width) -> int:
+    return output_height * output_width * math.prod(kernel.shape)
 
-  with nn.intercept_methods(record):
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False)
-    )
-  return ModelSummary(
-      num_params=count_params(variables['params']),
-      multiply_adds=multiply_adds,
-      input_shape=input_shape,
-      stages=tuple(stages),
-  )
+  stem_stride = 2 if model.stem == 'imagenet' else 1
+  height, width = (math.ceil(d / stem_stride) for d in input_shape[:2])
+  multiply_adds = convolution(params['stem_conv']['kernel'], height, width)
+  for b in range(1, len(model.block_sizes) + 1):
+    block_height, block_width = maps[f'block{b}'].shape[1:3]
+    multiply_adds += sum(convolution(conv['kernel'], block_height, block_width)
+                         for layer in params[f'block{b}'].values() for name, conv in layer.items()
+                         if name.startswith('conv'))
+    if f'transition{b}' in params:
+      multiply_adds += convolution(params[f'transition{b}']['conv']['kernel'], block_height, block_width)
+  multiply_adds += math.prod(params['classifier']['kernel'].shape)
+  return ModelSummary(count_params(params), multiply_adds, input_shape, tuple(stages))
 
 
 def count_params(params) -> int:
@@ -99,8 +87,8 @@ def count_params(params) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('model', nargs='+', choices=sorted(models.MODELS), metavar='MODEL',
-                      help=f'one or more of: {", ".join(models.MODELS)}')
+  parser.add_argument('model', nargs='+', choices=sorted(model_lib.MODELS), metavar='MODEL',
+                      help=f'one or more of: {", ".join(model_lib.MODELS)}')
   parser.add_argument('--num_classes', type=int, default=None,
                       help='classifier outputs (default: 1000 for ImageNet models, 10 otherwise)')
   parser.add_argument('--image_size', type=int, default=None,
@@ -108,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   for i, name in enumerate(args.model):
     if args.num_classes is None:
-      model = models.MODELS[name]()  # The registry's default: 1000 or 10 classes.
+      model = model_lib.MODELS[name]()  # The registry's default: 1000 or 10 classes.
     else:
-      model = models.create_model(name, num_classes=args.num_classes)
+      model = model_lib.create_model(name, num_classes=args.num_classes)
     input_shape = None
     if args.image_size:
       input_shape = (args.image_size, args.image_size, model.input_channels)

@@ -1,9 +1,9 @@
 """Test-wide settings."""
 
-from densenet_jax import xla_flags
+from densenet_jax import cli
 
-# Tests run with the XLA flags the entry points use (before JAX starts its backend).
-xla_flags.set_defaults()
+# Tests run in the environment the entry points set up (XLA flags before JAX starts its backend, TF's logs).
+cli.prepare_environment()
 
 import jax  # noqa: E402
 

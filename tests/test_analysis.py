@@ -15,7 +15,17 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from configs import quickstart
-from densenet_jax import analysis, checkpoints, config_validation, memory, models, summary, weights, xla_flags
+from densenet_jax import analysis
+from densenet_jax.model import layers
+from densenet_jax import cli
+from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.training import checkpoints
+from densenet_jax import config as config_lib
+from densenet_jax import memory
+from densenet_jax import model as model_lib
+from densenet_jax import summary
+from densenet_jax import weights
+from densenet_jax import xla_flags
 from densenet_jax.weights import __main__ as weights_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,14 +38,14 @@ def ones_like_params(model):
 
 
 def tiny_imagenet_model(**overrides):
-  return models.imagenet_densenet((2, 3), 4, num_classes=3, **overrides)
+  return model_lib.imagenet_densenet((2, 3), 4, num_classes=3, **overrides)
 
 
 @pytest.mark.parametrize('model', [
-    models.create_model('densenet121', num_classes=1000),
-    models.create_model('densenet_l40_k12', num_classes=10),
-    models.create_model('densenet_bc_l100_k12', num_classes=100),
-    models.cifar_densenet(15, 4, bottleneck=True, compression=0.5, num_blocks=2),
+    model_lib.create_model('densenet121', num_classes=1000),
+    model_lib.create_model('densenet_l40_k12', num_classes=10),
+    model_lib.create_model('densenet_bc_l100_k12', num_classes=100),
+    model_lib.cifar_densenet(15, 4, bottleneck=True, compression=0.5, num_blocks=2),
 ], ids=['densenet121', 'densenet_l40_k12', 'densenet_bc_l100_k12', 'tiny_bc_two_blocks'])
 def test_feature_reuse_has_one_lower_triangular_matrix_per_block(model):
   reuse = analysis.feature_reuse(ones_like_params(model))
@@ -60,7 +70,7 @@ def hand_built_value(b, t, s):
 @pytest.mark.parametrize('bottleneck, block_inputs', [(False, (16, 14)), (True, (8, 10))])
 def test_hand_built_weights_give_the_expected_heat_map(bottleneck, block_inputs):
   # Two blocks of 3 layers, growth 4.
-  model = models.cifar_densenet(15 if bottleneck else 9, 4, bottleneck=bottleneck, compression=0.5,
+  model = model_lib.cifar_densenet(15 if bottleneck else 9, 4, bottleneck=bottleneck, compression=0.5,
                                 num_blocks=2, num_classes=3)
   assert model.block_sizes == (3, 3)
   params = jax.tree.map(np.zeros_like, ones_like_params(model))
@@ -121,7 +131,7 @@ def test_normalize_targets_scales_every_row_to_a_maximum_of_one():
 
 @pytest.mark.parametrize('name', ['densenet121', 'densenet_l40_k12', 'densenet_bc_l100_k12'])
 def test_channel_growth_is_k0_plus_l_times_k(name):
-  model = models.create_model(name, num_classes=10)
+  model = model_lib.create_model(name, num_classes=10)
   growth = analysis.channel_growth(model)
   k0 = model.stem_channels
   for b, num_layers in enumerate(model.block_sizes, 1):
@@ -132,16 +142,16 @@ def test_channel_growth_is_k0_plus_l_times_k(name):
   assert {b: channels[-1] for b, channels in growth.items()} == {b: stages[b] for b in growth}
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', sorted(model_lib.MODELS))
 def test_paper_depth_is_the_number_in_the_name(name):
   depth = int(re.search(r'(\d+)', name.replace('_k', ' ')).group(1))
   if name == 'densenet264':
     depth = 265  # blocks of 6, 12, 64, 48 layers: the paper's DenseNet-264 has 265 layers by its own count
-  assert analysis.paper_depth(models.MODELS[name]()) == depth
+  assert analysis.paper_depth(model_lib.MODELS[name]()) == depth
 
 
 @pytest.mark.parametrize('model, size', [
-    (models.cifar_densenet(15, 4, bottleneck=True, compression=0.5, num_blocks=2, num_classes=3), 8),
+    (model_lib.cifar_densenet(15, 4, bottleneck=True, compression=0.5, num_blocks=2, num_classes=3), 8),
     (tiny_imagenet_model(), 32),
 ], ids=['cifar_stem', 'imagenet_stem'])
 def test_block_activations_have_the_stage_shapes_in_network_order(model, size):
@@ -156,7 +166,7 @@ def test_block_activations_have_the_stage_shapes_in_network_order(model, size):
   head = variables['params']['classifier']
   stats, norm = variables['batch_stats']['final_norm'], variables['params']['final_norm']
   features = activations[stages[-1].name]
-  normalized = (features - stats['mean']) / np.sqrt(stats['var'] + models.BATCH_NORM_EPSILON)
+  normalized = (features - stats['mean']) / np.sqrt(stats['var'] + layers.BATCH_NORM_EPSILON)
   pooled = np.maximum(normalized * norm['scale'] + norm['bias'], 0).mean(axis=(1, 2))
   np.testing.assert_allclose(pooled @ head['kernel'] + head['bias'], jax.jit(model.apply)(variables, images),
                              rtol=1e-4, atol=1e-5)
@@ -198,11 +208,10 @@ def quickstart_config():
 
 
 def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
-  from densenet_jax import train  # imports TensorFlow: only this test needs it
-
   config = quickstart_config()
-  config_validation.check_workdir(config, str(tmp_path))  # writes config.json as a training run does
-  expected = train.create_model(config, num_classes=10, input_channels=1)
+  workdir_lib.record_config(config, str(tmp_path))  # writes config.json as a training run does
+  expected = model_lib.from_config(config, num_classes=10, input_channels=1, layers_per_scan=0,
+                                   memory_efficient=False)
   variables = jax.jit(expected.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1, asynchronous=False)
   checkpointer.save(7, {'step': 7, **variables})
@@ -214,8 +223,8 @@ def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
       np.testing.assert_array_equal(got, want)
 
   config.architecture.depth = 16  # the same workdir claims a deeper model than its checkpoint holds
-  os.remove(tmp_path / config_validation.RESOLVED_CONFIG_FILE)
-  config_validation.check_workdir(config, str(tmp_path))
+  os.remove(tmp_path / workdir_lib.CONFIG_FILE)
+  workdir_lib.record_config(config, str(tmp_path))
   with pytest.raises(ValueError, match='do not fit the recorded architecture'):
     analysis.load_model(str(tmp_path))
 
@@ -232,7 +241,7 @@ def test_load_model_from_converted_weights(tmp_path):
 
 
 def test_run_config_file_name_is_the_training_loops():
-  assert analysis.RUN_CONFIG_FILE == config_validation.RESOLVED_CONFIG_FILE
+  assert analysis.RUN_CONFIG_FILE == workdir_lib.CONFIG_FILE
 
 
 def test_figures_have_one_panel_per_block_and_render():

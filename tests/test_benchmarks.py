@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from densenet_jax import models
+from densenet_jax import model as model_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 
@@ -24,7 +24,7 @@ TINY = [*TINY_MODEL, '--steps', '1', '--rounds', '2']
 @pytest.fixture(autouse=True)
 def tiny_model(monkeypatch):
   # A DenseNet-BC with two layers per block: the scripts' code paths at a fraction of the compile time.
-  monkeypatch.setitem(models.MODELS, 'tiny', functools.partial(models.cifar_densenet, 16, 4, bottleneck=True,
+  monkeypatch.setitem(model_lib.MODELS, 'tiny', functools.partial(model_lib.cifar_densenet, 16, 4, bottleneck=True,
                                                                compression=0.5))
 
 
@@ -119,7 +119,7 @@ def test_compile_parts_measures_each_part_of_the_train_step(tmp_path):
 
 def test_scanned_blocks_compile_less_code(monkeypatch):
   # Four layers per block, one scan per block.
-  monkeypatch.setitem(models.MODELS, 'tiny', functools.partial(models.cifar_densenet, 28, 4, bottleneck=True,
+  monkeypatch.setitem(model_lib.MODELS, 'tiny', functools.partial(model_lib.cifar_densenet, 28, 4, bottleneck=True,
                                                                compression=0.5))
   args = [*TINY_MODEL, '--memory_efficient', '--parts', 'gradients']
   unrolled = compile_parts.run(compile_parts.parse_args(args))['parts']['gradients']

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from densenet_jax import config_validation, input_pipeline
-from densenet_jax import train as training
+from densenet_jax import config as config_lib
+from densenet_jax import model as model_lib
+from densenet_jax.data import pipeline
+from densenet_jax.training import loop as training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '[!_]*.py')))
@@ -30,10 +32,10 @@ def cases():
 @pytest.mark.parametrize('name, model', list(cases()))
 def test_config_loads_validates_and_builds_its_model(name, model):
   config = load(name, *([model] if model else []))
-  config_validation.validate(config)
+  config_lib.validate(config)
   info = input_pipeline.get_dataset_info(config.dataset, data_dir=None, image_size=config.image_size)
-  config_validation.validate_against_data(config, info, device_count=1)
-  network = training.create_model(config, info.num_classes, info.image_shape[-1])
+  config_lib.validate_against_data(config, info, device_count=1)
+  network = model_lib.from_config(config, info.num_classes, info.image_shape[-1])
   logits, _ = jax.eval_shape(network.init_with_output, jax.random.key(0), jnp.zeros((2, *info.image_shape)))
   assert logits.shape == (2, info.num_classes)
 

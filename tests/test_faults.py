@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
-from densenet_jax import checkpoints, input_pipeline, optim, reporting
-from densenet_jax import train as training
+from densenet_jax.training import checkpoints
+from densenet_jax import model as model_lib
+from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.data import pipeline
+from densenet_jax.training import optim
+from densenet_jax.training import reporting
+from densenet_jax.training import loop as training
 from tests.test_train import tiny_config
 from tests.test_train_processes import ROOT
 
@@ -82,7 +87,7 @@ def _complete_steps(workdir):
 
 def _initial_state(config):
   """The state train_and_evaluate starts `config` from, built without training."""
-  model = training.create_model(config, num_classes=10, input_channels=1)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1)
   schedule = optim.create_learning_rate_fn(config.learning_rate, config.lr_boundaries_epochs,
                                            config.lr_decay_factor, STEPS_PER_EPOCH)
   tx = optim.create_optimizer(schedule, momentum=config.momentum, nesterov=config.nesterov,
@@ -139,7 +144,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1)
   assert checkpointer.latest_step() == STEPS_PER_EPOCH
   checkpointer.close()
-  params = checkpoints.load_variables(str(tmp_path))['params']
+  params = workdir_lib.load_variables(str(tmp_path))['params']
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import input_pipeline as ip
+from densenet_jax.data import pipeline as ip
 from densenet_jax.data import preprocessing as pp
 from densenet_jax.data import sources
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import layers
+from densenet_jax.model import layers
 
 
 def feature_maps(sizes=(5, 3, 3), seed=0):

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import memory, models, xla_flags
+from densenet_jax import memory
+from densenet_jax import model as model_lib
+from densenet_jax import xla_flags
 from densenet_jax.summary import count_params, summarize
 
 # Exact counts of ../shared/paper.md (1000 classes for ImageNet models, 10 for CIFAR models).
@@ -41,7 +43,7 @@ def tiny_model(**overrides):
   """Two blocks of two bottleneck layers on 8x8 images: compiles in about a second."""
   kwargs = dict(bottleneck=True, compression=0.5, num_blocks=2, num_classes=5)
   kwargs.update(overrides)
-  return models.cifar_densenet(kwargs.pop('depth', 11), kwargs.pop('growth_rate', 4), **kwargs)
+  return model_lib.cifar_densenet(kwargs.pop('depth', 11), kwargs.pop('growth_rate', 4), **kwargs)
 
 
 def init(model, x):
@@ -62,13 +64,13 @@ def images(batch=4, size=8, channels=3, seed=0):
 
 
 def test_registry_holds_exactly_the_papers_models():
-  assert set(models.MODELS) == set(PAPER_PARAMETER_COUNTS)
+  assert set(model_lib.MODELS) == set(PAPER_PARAMETER_COUNTS)
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_PARAMETER_COUNTS))
 def test_parameter_count_equals_paper(name):
   imagenet = name in ('densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet264')
-  model = models.create_model(name, num_classes=1000 if imagenet else 10)
+  model = model_lib.create_model(name, num_classes=1000 if imagenet else 10)
   size = 224 if imagenet else 32
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
@@ -79,7 +81,7 @@ def test_parameter_count_equals_paper(name):
 
 
 def test_channel_bookkeeping_of_densenet_bc_l100_k12():
-  summary = summarize(models.create_model('densenet_bc_l100_k12', num_classes=10))
+  summary = summarize(model_lib.create_model('densenet_bc_l100_k12', num_classes=10))
   channels = [(s.name, s.output_shape) for s in summary.stages]
   assert channels == [
       ('stem', (32, 32, 24)),
@@ -93,7 +95,7 @@ def test_channel_bookkeeping_of_densenet_bc_l100_k12():
 
 
 def test_imagenet_stages_and_multiply_adds():
-  summary = summarize(models.create_model('densenet169', num_classes=1000))
+  summary = summarize(model_lib.create_model('densenet169', num_classes=1000))
   assert [s.output_shape for s in summary.stages] == [
       (56, 56, 64), (56, 56, 256), (28, 28, 128), (28, 28, 512), (14, 14, 256),
       (14, 14, 1280), (7, 7, 640), (7, 7, 1664), (1000,),
@@ -103,7 +105,7 @@ def test_imagenet_stages_and_multiply_adds():
 
 
 def test_plain_densenet_layout():
-  model = models.create_model('densenet_l40_k12', num_classes=10)
+  model = model_lib.create_model('densenet_l40_k12', num_classes=10)
   assert (model.block_sizes, model.stem_channels, model.bottleneck, model.compression) == (
       (12, 12, 12), 16, False, 1.0)
   shapes = [s.output_shape for s in summarize(model).stages]
@@ -111,26 +113,26 @@ def test_plain_densenet_layout():
 
 
 def test_generic_cifar_builder_and_depth_rule():
-  model = models.cifar_densenet(58, 8, bottleneck=True, compression=0.5, num_classes=100)
+  model = model_lib.cifar_densenet(58, 8, bottleneck=True, compression=0.5, num_classes=100)
   assert model.block_sizes == (9, 9, 9) and model.stem_channels == 16 and model.num_classes == 100
   with pytest.raises(ValueError, match=r'6n \+ 4.*\b10, 16, 22, 28\b'):
-    models.cifar_densenet(101, 12, bottleneck=True, compression=0.5)
+    model_lib.cifar_densenet(101, 12, bottleneck=True, compression=0.5)
   with pytest.raises(ValueError, match=r'3n \+ 4'):
-    models.cifar_densenet(41, 12, bottleneck=False, compression=1.0)
+    model_lib.cifar_densenet(41, 12, bottleneck=False, compression=1.0)
   with pytest.raises(ValueError, match='compression'):
-    models.cifar_densenet(40, 12, bottleneck=False, compression=0.0)
+    model_lib.cifar_densenet(40, 12, bottleneck=False, compression=0.0)
 
 
 def test_unknown_model_name_lists_valid_names():
   with pytest.raises(ValueError) as error:
-    models.create_model('densenet122', num_classes=10)
-  for name in models.MODELS:
+    model_lib.create_model('densenet122', num_classes=10)
+  for name in model_lib.MODELS:
     assert name in str(error.value)
 
 
 def test_unknown_override_is_rejected():
   with pytest.raises(TypeError, match='memory_efficent'):
-    models.create_model('densenet121', num_classes=10, memory_efficent=True)
+    model_lib.create_model('densenet121', num_classes=10, memory_efficent=True)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +151,7 @@ def test_wrong_input_shape_says_what_was_expected(shape, message):
 
 
 def test_initialization_follows_the_paper():
-  model = models.cifar_densenet(7, 64, bottleneck=False, compression=1.0)
+  model = model_lib.cifar_densenet(7, 64, bottleneck=False, compression=1.0)
   variables = init(model, jnp.zeros((1, 8, 8, 3)))
   params = variables['params']
   kernel = params['block2']['layer1']['conv1']['kernel']  # 3x3x80x64: std sqrt(2 / (9 * 64))
@@ -247,8 +249,9 @@ def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_
 
 
 MEMORY_CHECK = """
-from densenet_jax import memory, models
-model = models.cifar_densenet(28, 8, bottleneck=True, compression=0.5)
+from densenet_jax import memory
+from densenet_jax import model as model_lib
+model = model_lib.cifar_densenet(28, 8, bottleneck=True, compression=0.5)
 for efficient in (False, True):
   print(memory.train_step_temp_bytes(model.clone(memory_efficient=efficient), 8, (16, 16, 3)))
 """

@@ -6,13 +6,15 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import memory, models, scanned_block
+from densenet_jax import memory
+from densenet_jax import model as model_lib
+from densenet_jax.model import scanned_block
 
 
 def tiny_model(bottleneck=True, **overrides):
   """Two blocks of three layers on 8x8 images (three layers: groups of 1, 2 and 3 all differ)."""
   depth = 15 if bottleneck else 9
-  return models.cifar_densenet(depth, 4, bottleneck=bottleneck, compression=0.5, num_blocks=2, num_classes=5,
+  return model_lib.cifar_densenet(depth, 4, bottleneck=bottleneck, compression=0.5, num_blocks=2, num_classes=5,
                                memory_efficient=True, **overrides)
 
 
@@ -70,7 +72,7 @@ def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
   spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, growth_rate=3, bottleneck=bottleneck,
                                  layers_per_scan=2, dropout_rate=0.3, epsilon=1e-5, dtype=jnp.float32)
   x = 1.0 + jax.random.normal(jax.random.key(0), (4, 6, 6, spec.input_channels))
-  block = models.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
+  block = model_lib.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
   params = randomized(block.init(jax.random.key(1), x, train=False)['params'], seed=3)
   params = [params[f'layer{i + 1}'] for i in range(spec.num_layers)]
   key = jax.random.key(4)
@@ -95,7 +97,7 @@ def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
 
 
 def test_scanned_blocks_keep_less_than_the_plain_model():
-  plain = models.cifar_densenet(28, 8, bottleneck=True, compression=0.5)
+  plain = model_lib.cifar_densenet(28, 8, bottleneck=True, compression=0.5)
   scanned = plain.clone(memory_efficient=True, layers_per_scan=2)
   plain_bytes, scanned_bytes = (memory.train_step_temp_bytes(m, 8, (16, 16, 3)) for m in (plain, scanned))
   # 0.65x for this small model (measured; memory_efficient alone gives the same); the saving grows with

@@ -17,14 +17,20 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import checkpoints, config_validation, defaults, input_pipeline, optim, reporting
+from densenet_jax.training import checkpoints
+from densenet_jax import model as model_lib
+from densenet_jax.training import workdir as workdir_lib
+from densenet_jax import config as config_lib
+from densenet_jax.data import pipeline
+from densenet_jax.training import optim
+from densenet_jax.training import reporting
 from densenet_jax.data import sources
-from densenet_jax import train as training
+from densenet_jax.training import loop as training
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """Digits with a one-layer-per-block DenseNet-BC: a few seconds per epoch on a CPU."""
-  config = defaults.get_config()
+  config = config_lib.get_config()
   config.model = 'cifar_densenet'
   config.architecture = ml_collections.ConfigDict(
       dict(depth=10, growth_rate=4, bottleneck=True, compression=0.5))
@@ -41,7 +47,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def final_params(workdir):
-  return checkpoints.load_variables(workdir)['params']
+  return workdir_lib.load_variables(workdir)['params']
 
 
 def test_learning_rate_schedule_boundaries():
@@ -87,13 +93,13 @@ def test_train_and_evaluate_learns_digits_and_writes_outputs(tmp_path):
     assert json.load(f)['dataset'] == 'digits'
   assert checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == final['step']
   # evaluate.py's path: the saved weights give the same test accuracy.
-  evaluated = training.evaluate_checkpoint(config, str(tmp_path))
+  evaluated = training.evaluate_checkpoint(str(tmp_path), config)
   assert evaluated['eval_accuracy'] == pytest.approx(final['eval_accuracy'])
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
   config = tiny_config()
-  model = training.create_model(config, num_classes=10, input_channels=1)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1)
   tx = optim.create_optimizer(optax.constant_schedule(0.1), momentum=0.9, nesterov=True, weight_decay=1e-4)
   state = training.create_train_state(jax.random.key(0), model, (8, 8, 1), tx)
   batch = {'image': jax.random.normal(jax.random.key(1), (8, 8, 8, 1)), 'label': jnp.arange(8) % 10}
@@ -113,61 +119,61 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 
 
 def test_config_errors_name_the_field_and_the_fix(tmp_path):
-  with pytest.raises(config_validation.ConfigError, match="'batch_size'"):
+  with pytest.raises(config_lib.ConfigError, match="'batch_size'"):
     bad = tiny_config()
     bad.batch_sise = 3  # typo: not a field
-    config_validation.validate(bad)
-  with pytest.raises(config_validation.ConfigError, match='lr_boundaries_epochs'):
-    config_validation.validate(tiny_config(lr_boundaries_epochs=(5,)))
-  with pytest.raises(config_validation.ConfigError, match='config.model'):
-    config_validation.validate(tiny_config(model='densenet122', architecture=ml_collections.ConfigDict()))
-  with pytest.raises(config_validation.ConfigError, match='6n \\+ 4'):
-    config_validation.validate(tiny_config(architecture=ml_collections.ConfigDict(
+    config_lib.validate(bad)
+  with pytest.raises(config_lib.ConfigError, match='lr_boundaries_epochs'):
+    config_lib.validate(tiny_config(lr_boundaries_epochs=(5,)))
+  with pytest.raises(config_lib.ConfigError, match='config.model'):
+    config_lib.validate(tiny_config(model='densenet122', architecture=ml_collections.ConfigDict()))
+  with pytest.raises(config_lib.ConfigError, match='6n \\+ 4'):
+    config_lib.validate(tiny_config(architecture=ml_collections.ConfigDict(
         dict(depth=11, growth_rate=4, bottleneck=True, compression=0.5))))
-  with pytest.raises(config_validation.ConfigError, match='config.dataset'):
-    config_validation.validate(tiny_config(dataset='cifar11'))
-  with pytest.raises(config_validation.ConfigError, match='memory_efficient=True'):
-    config_validation.validate(tiny_config(layers_per_scan=4))
+  with pytest.raises(config_lib.ConfigError, match='config.dataset'):
+    config_lib.validate(tiny_config(dataset='cifar11'))
+  with pytest.raises(config_lib.ConfigError, match='memory_efficient=True'):
+    config_lib.validate(tiny_config(layers_per_scan=4))
 
 
 def test_layers_per_scan_reaches_the_model():
   config = tiny_config(memory_efficient=True, layers_per_scan=4)
-  config_validation.validate(config)
-  model = training.create_model(config, num_classes=10, input_channels=1)
+  config_lib.validate(config)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1)
   assert model.layers_per_scan == 4 and model.memory_efficient
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
-  config_validation.check_workdir(tiny_config(), str(tmp_path))
-  config_validation.check_workdir(tiny_config(log_every_steps=5), str(tmp_path))  # cosmetic change
-  with pytest.raises(config_validation.ConfigError, match='learning_rate: 0.1 -> 0.2'):
-    config_validation.check_workdir(tiny_config(learning_rate=0.2), str(tmp_path))
+  workdir_lib.record_config(tiny_config(), str(tmp_path))
+  workdir_lib.record_config(tiny_config(log_every_steps=5), str(tmp_path))  # cosmetic change
+  with pytest.raises(config_lib.ConfigError, match='learning_rate: 0.1 -> 0.2'):
+    workdir_lib.record_config(tiny_config(learning_rate=0.2), str(tmp_path))
 
 
 def test_a_run_started_before_a_config_field_existed_resumes(tmp_path):
-  config_validation.check_workdir(tiny_config(), str(tmp_path))
-  path = tmp_path / config_validation.RESOLVED_CONFIG_FILE
+  workdir_lib.record_config(tiny_config(), str(tmp_path))
+  path = tmp_path / workdir_lib.CONFIG_FILE
   older = json.loads(path.read_text())
   del older['layers_per_scan']  # as written before the field was added
   path.write_text(json.dumps(older))
-  config_validation.check_workdir(tiny_config(), str(tmp_path))  # the field's default: same config
-  with pytest.raises(config_validation.ConfigError, match='layers_per_scan: 0 -> 2'):
-    config_validation.check_workdir(tiny_config(memory_efficient=True, layers_per_scan=2), str(tmp_path))
+  workdir_lib.record_config(tiny_config(), str(tmp_path))  # the field's default: same config
+  with pytest.raises(config_lib.ConfigError, match='layers_per_scan: 0 -> 2'):
+    workdir_lib.record_config(tiny_config(memory_efficient=True, layers_per_scan=2), str(tmp_path))
 
 
 def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
   source = tiny_config(num_epochs=1, lr_boundaries_epochs=())
   training.train_and_evaluate(source, str(tmp_path))
-  pretrained = checkpoints.load_variables(str(tmp_path))
+  pretrained = workdir_lib.load_variables(str(tmp_path))
 
   def fresh_state(config, num_classes):
-    model = training.create_model(config, num_classes=num_classes, input_channels=1)
+    model = model_lib.from_config(config, num_classes=num_classes, input_channels=1)
     tx = optim.create_optimizer(optax.constant_schedule(0.1), momentum=0.9, nesterov=True, weight_decay=0)
     return jax.jit(lambda key: training.create_train_state(key, model, (8, 8, 1), tx))(jax.random.key(5))
 
   state = fresh_state(source, num_classes=5)
   sharding = jax.tree.map(lambda x: x.sharding, state)
-  model5 = training.create_model(source, num_classes=5, input_channels=1)
+  model5 = model_lib.from_config(source, num_classes=5, input_channels=1)
   loaded = training._init_from(state, str(tmp_path), model5, jax.random.key(5), sharding)
   np.testing.assert_array_equal(loaded.params['stem_conv']['kernel'], pretrained['params']['stem_conv']['kernel'])
   np.testing.assert_array_equal(loaded.batch_stats['final_norm']['var'],
@@ -178,7 +184,7 @@ def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
 
   wider = tiny_config(architecture=ml_collections.ConfigDict(
       dict(depth=10, growth_rate=8, bottleneck=True, compression=0.5)))
-  wider_model = training.create_model(wider, num_classes=10, input_channels=1)
+  wider_model = model_lib.from_config(wider, num_classes=10, input_channels=1)
   with pytest.raises(ValueError, match=r'do not fit the model(.|\n)*stem_conv/kernel \(3, 3, 1, 8\) vs \(3, 3, 1, 16\)'):
     training._init_from(fresh_state(wider, 10), str(tmp_path), wider_model, jax.random.key(5), sharding)
 

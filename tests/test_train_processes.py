@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from densenet_jax import checkpoints, reporting
+from densenet_jax.training import checkpoints
+from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.training import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +40,7 @@ def run_train(workdir, *flags, env=None, wait=True):
 
 
 def params_of(workdir):
-  return checkpoints.load_variables(str(workdir))['params']
+  return workdir_lib.load_variables(str(workdir))['params']
 
 
 def assert_same_params(a, b, **tolerance):

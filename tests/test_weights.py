@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import models, weights
+from densenet_jax import model as model_lib
+from densenet_jax import cli
+from densenet_jax import weights
 from densenet_jax.summary import count_params
 from densenet_jax.weights import __main__ as cli
 
 try:
   import torch
-  from densenet_jax.torch_reference import build_torch_densenet
+  from benchmarks.torch_reference import build_torch_densenet
 except ImportError:
   torch = None
 
@@ -116,12 +118,12 @@ def swap_kernel_axes(variables):
 
 # Small models with the structure of the big ones compile in a few seconds; DenseNet-121 at 224 is the real thing.
 TORCH_CASES = {
-    'densenet121': (models.create_model('densenet121', num_classes=1000), (224, 224)),
+    'densenet121': (model_lib.create_model('densenet121', num_classes=1000), (224, 224)),
     # ImageNet stem on odd sizes, where every pooling floors differently: 75x97 -> 38x49 -> 19x25 -> 9x12 -> ...
-    'imagenet_stem_odd_size': (models.imagenet_densenet((2, 3, 2, 2), 8, num_classes=10), (75, 97)),
+    'imagenet_stem_odd_size': (model_lib.imagenet_densenet((2, 3, 2, 2), 8, num_classes=10), (75, 97)),
     # CIFAR stem (3x3 conv, no norm / pool): plain layers with compression 1, and DenseNet-BC.
-    'cifar_plain': (models.cifar_densenet(22, 12, bottleneck=False, compression=1.0, num_classes=10), (32, 32)),
-    'cifar_bc': (models.cifar_densenet(28, 12, bottleneck=True, compression=0.5, num_classes=100), (32, 32)),
+    'cifar_plain': (model_lib.cifar_densenet(22, 12, bottleneck=False, compression=1.0, num_classes=10), (32, 32)),
+    'cifar_bc': (model_lib.cifar_densenet(28, 12, bottleneck=True, compression=0.5, num_classes=100), (32, 32)),
 }
 
 
@@ -150,7 +152,7 @@ def test_logits_equal_pytorch(case):
 @pytest.mark.parametrize('name', ['densenet121', 'densenet161', 'densenet_l40_k12', 'densenet_bc_l100_k12'])
 def test_torch_reference_has_torchvision_names_and_flax_parameter_count(name):
   net = build_torch_densenet(name)
-  model = models.MODELS[name]()
+  model = model_lib.MODELS[name]()
   abstract = abstract_variables(model)
   assert sum(p.numel() for p in net.parameters()) == count_params(abstract['params'])
   expected = {k: tuple(v.shape) for k, v in weights.to_torch_state_dict(zeros_like(abstract)).items()}
@@ -203,7 +205,7 @@ def test_logits_equal_keras(keras_densenet121):
   images = np.random.default_rng(4).standard_normal((2, 224, 224, 3), dtype=np.float32)
   reference = np.asarray(keras_densenet121(images, training=False))
   variables = weights.from_keras(keras_densenet121, 'densenet121')
-  model = models.create_model('densenet121', num_classes=1000)
+  model = model_lib.create_model('densenet121', num_classes=1000)
   error = relative_error(logits(model, variables, images), reference)
   print(f'densenet121 (224, 224): max relative error vs Keras {error:.2e}')
   assert error < TOLERANCE
@@ -277,7 +279,7 @@ def test_headless_keras_weights_convert_to_a_backbone_that_gets_a_head(keras_den
   headless = {k: v for k, v in all_weights.items() if not k.startswith('predictions/')}
   variables = weights.from_keras(headless, 'densenet121')
   assert 'classifier' not in variables['params'] and 'final_norm' in variables['batch_stats']
-  model = models.create_model('densenet121', num_classes=7)
+  model = model_lib.create_model('densenet121', num_classes=7)
   full = weights.replace_head(variables, model, jax.random.key(0))
   assert full['params']['classifier']['kernel'].shape == (1024, 7)
 
@@ -292,7 +294,7 @@ def torchvision_like_state_dict(model, seed=0):
 
 def test_safetensors_round_trip_through_the_command_line(tmp_path):
   safetensors_numpy = pytest.importorskip('safetensors.numpy')
-  model = models.create_model('densenet121', num_classes=1000)
+  model = model_lib.create_model('densenet121', num_classes=1000)
   variables = random_variables(model)
   source = tmp_path / 'model.safetensors'
   safetensors_numpy.save_file(weights.to_torch_state_dict(variables), str(source))
@@ -314,7 +316,7 @@ def test_safetensors_round_trip_through_the_command_line(tmp_path):
 
 @needs_torch
 def test_pth_round_trip_with_old_style_keys(tmp_path):
-  model = models.create_model('densenet121', num_classes=1000)
+  model = model_lib.create_model('densenet121', num_classes=1000)
   variables = random_variables(model, seed=5)
   state = {'module.' + k.replace('.norm2.', '.norm.2.'): torch.from_numpy(v)
            for k, v in weights.to_torch_state_dict(variables).items()}
@@ -329,14 +331,14 @@ def test_pth_round_trip_with_old_style_keys(tmp_path):
 # (densenet121, densenet161 and CIFAR models: in test_torch_reference_has_torchvision_names_and_flax_parameter_count)
 @pytest.mark.parametrize('name', ['densenet169', 'densenet201'])
 def test_architecture_is_inferred_from_the_weights(name):
-  model = models.MODELS[name]()
+  model = model_lib.MODELS[name]()
   state = weights.to_torch_state_dict(zeros_like(abstract_variables(model)))
   assert weights.infer_model(state) == (name, model)
   assert weights.infer_model(state, 'torch')[1].num_classes == 1000
 
 
 def tiny_model(num_classes=5):
-  return models.cifar_densenet(11, 4, bottleneck=True, compression=0.5, num_blocks=2, num_classes=num_classes)
+  return model_lib.cifar_densenet(11, 4, bottleneck=True, compression=0.5, num_blocks=2, num_classes=num_classes)
 
 
 def test_replace_head_keeps_the_backbone_and_fits_the_new_classes():
@@ -346,7 +348,7 @@ def test_replace_head_keeps_the_backbone_and_fits_the_new_classes():
   head = variables['params']['classifier']
   features = pretrained['params']['classifier']['kernel'].shape[0]
   assert head['kernel'].shape == (features, 3) and not np.any(head['bias'])
-  assert 0 < np.abs(head['kernel']).max() <= 1 / math.sqrt(features)  # Torch's default Linear init, as models.py
+  assert 0 < np.abs(head['kernel']).max() <= 1 / math.sqrt(features)  # Torch's default Linear init, as model_lib.py
   without_head = lambda v: {c: {k: x for k, x in t.items() if k != 'classifier'} for c, t in v.items()}
   assert_trees_equal(without_head(variables), without_head(pretrained))
   assert logits(target, variables, np.zeros((2, 8, 8, 3), np.float32)).shape == (2, 3)
@@ -362,7 +364,7 @@ def test_replace_head_keeps_the_backbone_and_fits_the_new_classes():
 
 
 def test_weights_of_another_architecture_name_the_first_mismatch():
-  state = torchvision_like_state_dict(models.create_model('densenet169', num_classes=1000))
+  state = torchvision_like_state_dict(model_lib.create_model('densenet169', num_classes=1000))
   with pytest.raises(weights.WeightMismatchError) as error:
     weights.from_torch_state_dict(state, 'densenet121')
   message = str(error.value)
@@ -381,7 +383,7 @@ def test_weights_of_another_architecture_name_the_first_mismatch():
 
 
 def test_missing_and_unexpected_keys_are_listed():
-  state = torchvision_like_state_dict(models.create_model('densenet121', num_classes=1000))
+  state = torchvision_like_state_dict(model_lib.create_model('densenet121', num_classes=1000))
   removed = ['features.denseblock2.denselayer3.conv1.weight', 'features.norm5.running_var']
   for key in removed:
     del state[key]

@@ -6,7 +6,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import memory, xla_flags
+from densenet_jax import memory
+from densenet_jax import xla_flags
 
 installed = importlib.metadata.version('jaxlib')
 

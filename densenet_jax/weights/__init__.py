@@ -6,12 +6,12 @@ Command line (see docs/pretrained.md):
     python -m densenet_jax.weights inspect --source=model.safetensors
 
 API. Variables are {'params': ..., 'batch_stats': ...}: nested dicts of numpy float32 arrays in host memory, the
-tree of `densenet_jax.models.DenseNet` (docs/models.md), ready for `model.apply(variables, images)`.
+tree of `densenet_jax.model.DenseNet` (docs/models.md), ready for `model.apply(variables, images)`.
 
     from_torch_state_dict(state_dict, model=None) -> variables
         state_dict: {name: torch.Tensor | np.ndarray} with torchvision / timm names (`features.conv0.weight`,
         ..., `classifier.bias`), old-style `norm.1` names, `module.` prefixes; `num_batches_tracked` ignored.
-        model: registry name ('densenet121', ...; classes taken from the file), a models.DenseNet (its
+        model: registry name ('densenet121', ...; classes taken from the file), a model.DenseNet (its
         num_classes must equal the file's), or None (inferred from names and shapes).
     from_keras(source, model=None, *, epsilon=1.001e-5) -> variables
         source: a Keras applications DenseNet121/169/201 model, or {'layer/weight': array}.
@@ -21,7 +21,7 @@ tree of `densenet_jax.models.DenseNet` (docs/models.md), ready for `model.apply(
     read_state_dict(path) -> {name: np.ndarray};  read_keras_file(path) -> ({'layer/weight': array}, epsilons)
     keras_model_weights(keras_model) -> ({'layer/weight': array}, {bn layer: epsilon})
     to_torch_state_dict(variables) -> {torchvision name: np.ndarray}   (the inverse, e.g. for a PyTorch twin)
-    infer_model(weights, framework='torch' | 'keras') -> (registry name or None, models.DenseNet)
+    infer_model(weights, framework='torch' | 'keras') -> (registry name or None, model.DenseNet)
 
     save_variables(directory, variables, *, metadata=None, overwrite=False) -> absolute path
         A plain orbax PyTree checkpoint of {'params', 'batch_stats'} (StandardCheckpointer, atomic).
@@ -35,18 +35,15 @@ Errors: WeightMismatchError (a ValueError; names the first mismatching key with 
 and unexpected keys; attributes .missing, .unexpected, .mismatched) and WeightFileError (a ValueError; an
 unsupported or unreadable file, with the supported formats).
 
-Typical use by a training loop:
-
-    variables = weights.load_variables(config.init_from)
-    variables = weights.replace_head(variables, model, jax.random.key(config.seed))
-    state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+Fine-tuning: `variables = weights.replace_head(weights.load_variables(path), model, jax.random.key(0))`.
+Nothing in the training loop imports this package: conversion is done once, before training.
 """
 
-from densenet_jax.checkpoints import load_variables, read_metadata, save_variables
-from densenet_jax.weights.checkpoint import replace_head
+from densenet_jax.model import WeightMismatchError, replace_head
+from densenet_jax.training.checkpoints import read_metadata, save_variables
+from densenet_jax.training.workdir import load_variables
 from densenet_jax.weights.convert import (
     KERAS_BN_EPSILON,
-    WeightMismatchError,
     from_keras,
     from_torch_state_dict,
     infer_model,

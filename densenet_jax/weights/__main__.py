@@ -11,7 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from densenet_jax import checkpoints, models
+from densenet_jax import model as model_lib
+from densenet_jax.training import checkpoints
 from densenet_jax.summary import count_params
 from densenet_jax.weights import convert, readers
 
@@ -19,7 +20,7 @@ _EXPECTED_ERRORS = (convert.WeightMismatchError, readers.WeightFileError, FileEx
                     ImportError, ValueError)
 
 
-def _architecture(model: models.DenseNet) -> dict:
+def _architecture(model: model_lib.DenseNet) -> dict:
   return dict(block_sizes=list(model.block_sizes), growth_rate=model.growth_rate, stem=model.stem,
               stem_channels=model.stem_channels, bottleneck=model.bottleneck, compression=model.compression,
               input_channels=model.input_channels)
@@ -41,7 +42,7 @@ def run_convert(args) -> None:
   classifier = variables['params'].get('classifier')
   num_classes = None if classifier is None else int(classifier['kernel'].shape[-1])
   if model is None:
-    model = models.MODELS[name]() if num_classes is None else models.create_model(name, num_classes=num_classes)
+    model = model_lib.MODELS[name]() if num_classes is None else model_lib.create_model(name, num_classes=num_classes)
   metadata = dict(model=name, num_classes=num_classes, architecture=_architecture(model),
                   source=os.path.abspath(args.source), source_framework=framework)
   path = checkpoints.save_variables(args.output, variables, metadata=metadata, overwrite=args.overwrite)
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   conv = commands.add_parser('convert', help='convert a weight file to an orbax checkpoint')
   conv.add_argument('--source', required=True,
                     help=f'weight file: {readers.SUPPORTED_FORMATS}')
-  conv.add_argument('--model', choices=sorted(models.MODELS), metavar='MODEL', default=None,
+  conv.add_argument('--model', choices=sorted(model_lib.MODELS), metavar='MODEL', default=None,
                     help='registry name (default: inferred from the file and checked); the number of classes '
                          'is the file\'s')
   conv.add_argument('--output', required=True, help='checkpoint directory to create')

@@ -29,30 +29,18 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from densenet_jax import models
+from densenet_jax import model as model_lib
+from densenet_jax.model import registry
+from densenet_jax.model.registry import WeightMismatchError
 
 KERAS_BN_EPSILON = 1.001e-5
-_SHOWN_KEYS = 20  # names listed per category in an error message; the exception holds them all
 
 Variables = dict[str, dict[str, Any]]
 Path = tuple[str, ...]
-
-
-class WeightMismatchError(ValueError):
-  """The weights do not fit the model. `missing`, `unexpected`: source key names; `mismatched`:
-  (key, shape in the file, shape the model needs), in model order."""
-
-  def __init__(self, message: str, *, missing: list[str], unexpected: list[str],
-               mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]):
-    super().__init__(message)
-    self.missing = missing
-    self.unexpected = unexpected
-    self.mismatched = mismatched
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -87,11 +75,9 @@ def _rank(path: Path) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def model_leaves(model: models.DenseNet) -> tuple[_Leaf, ...]:
+def model_leaves(model: model_lib.DenseNet) -> tuple[_Leaf, ...]:
   """Every variable of `model` (shapes only, nothing is computed), stem first, classifier last."""
-  size = model.min_input_size
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, model.input_channels))))
+  shapes = model_lib.abstract_variables(model)
   leaves = []
   for collection in ('params', 'batch_stats'):
     flat = jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]
@@ -130,7 +116,7 @@ class _Format:
   def flax_shape(self, path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
-  def check(self, model: models.DenseNet) -> None:
+  def check(self, model: model_lib.DenseNet) -> None:
     """Raises if this naming cannot describe `model`."""
 
   def classifier_keys(self) -> tuple[str, str]:
@@ -190,10 +176,10 @@ class _KerasFormat(_Format):
     self.epsilons = dict(epsilons or {})  # per BN layer name
     self.default_epsilon = default_epsilon
 
-  def check(self, model: models.DenseNet) -> None:
+  def check(self, model: model_lib.DenseNet) -> None:
     if not model.bottleneck or model.stem != 'imagenet':
       raise ValueError('Keras applications only has ImageNet DenseNet-BC models; there is no Keras naming for a '
-                       f'DenseNet with {_describe(model)}.')
+                       f'DenseNet with {model_lib.describe(model)}.')
 
   def layer(self, module: Path) -> str:
     top, *rest = module
@@ -213,21 +199,14 @@ class _KerasFormat(_Format):
     if path[-1] != 'var':
       return array
     epsilon = self.epsilons.get(self.layer(path[:-1]), self.default_epsilon)
-    return np.asarray(array, np.float64) + (epsilon - models.BATCH_NORM_EPSILON)
+    return np.asarray(array, np.float64) + (epsilon - model_lib.BATCH_NORM_EPSILON)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Which DenseNet a file holds.
 
 
-def _describe(model: models.DenseNet) -> str:
-  compression = f', compression={model.compression:g}' if model.compression != 1 else ''
-  return (f'{model.stem} stem with {model.stem_channels} channels, blocks {tuple(model.block_sizes)}, '
-          f'growth rate {model.growth_rate}, {"bottleneck" if model.bottleneck else "no bottleneck"}'
-          f'{compression}, {model.num_classes} classes')
-
-
-def _infer(source: Mapping[str, np.ndarray], fmt: _Format) -> tuple[str | None, models.DenseNet] | None:
+def _infer(source: Mapping[str, np.ndarray], fmt: _Format) -> tuple[str | None, model_lib.DenseNet] | None:
   """(registry name or None, DenseNet) for the architecture the keys and shapes describe, or None."""
   def shape(*path):
     array = source.get(fmt.key(path))
@@ -259,17 +238,17 @@ def _infer(source: Mapping[str, np.ndarray], fmt: _Format) -> tuple[str | None, 
       bottleneck=bottleneck,
       input_channels=stem[-2],
   )
-  for name, build in models.MODELS.items():
+  for name, build in model_lib.MODELS.items():
     candidate = build() if num_classes is None else build(num_classes=num_classes)
     same = all(getattr(candidate, k) == v for k, v in kwargs.items())
     if same and (transition is None or math.floor(candidate.compression * transition[2]) == transition[3]):
       return name, candidate
   compression = 1.0 if transition is None else round(transition[3] / transition[2], 6)
   num_classes = num_classes or 1000
-  return None, models.DenseNet(**kwargs, compression=compression, num_classes=num_classes)
+  return None, model_lib.DenseNet(**kwargs, compression=compression, num_classes=num_classes)
 
 
-def _resolve_model(model, source, fmt) -> tuple[models.DenseNet, str]:
+def _resolve_model(model, source, fmt) -> tuple[model_lib.DenseNet, str]:
   """The DenseNet to fill and how to name it in messages."""
   if model is None:
     found = _infer(source, fmt)
@@ -279,26 +258,20 @@ def _resolve_model(model, source, fmt) -> tuple[models.DenseNet, str]:
           f'{fmt.key(("stem_conv", "kernel"))!r} or no dense layers named like '
           f'{fmt.key(("block1", "layer1", "norm1", "scale"))!r}); pass the model explicitly.')
     name, net = found
-    return net, name or f'DenseNet ({_describe(net)})'
+    return net, name or f'DenseNet ({model_lib.describe(net)})'
   if isinstance(model, str):
-    if model not in models.MODELS:
-      raise ValueError(f'Unknown model {model!r}. Valid names: {", ".join(models.MODELS)}.')
+    if model not in model_lib.MODELS:
+      raise ValueError(f'Unknown model {model!r}. Valid names: {", ".join(model_lib.MODELS)}.')
     num_classes = fmt.num_classes(source)
-    net = models.MODELS[model]() if num_classes is None else models.create_model(model, num_classes=num_classes)
+    net = model_lib.MODELS[model]() if num_classes is None else model_lib.create_model(model, num_classes=num_classes)
     return net, model
-  if isinstance(model, models.DenseNet):
-    return model, f'the given DenseNet ({_describe(model)})'
-  raise TypeError(f'model must be a name from densenet_jax.models.MODELS or a DenseNet, got {type(model)}.')
+  if isinstance(model, model_lib.DenseNet):
+    return model, f'the given DenseNet ({model_lib.describe(model)})'
+  raise TypeError(f'model must be a name from densenet_jax.model.MODELS or a DenseNet, got {type(model)}.')
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The conversion itself.
-
-
-def _listing(title: str, keys: list[str]) -> str:
-  shown = ', '.join(keys[:_SHOWN_KEYS])
-  more = f', ... ({len(keys) - _SHOWN_KEYS} more)' if len(keys) > _SHOWN_KEYS else ''
-  return f'\n  {title} ({len(keys)}): {shown}{more}'
 
 
 def _mismatch_message(source_label, label, net, fmt, source, missing, unexpected, mismatched) -> str:
@@ -314,12 +287,12 @@ def _mismatch_message(source_label, label, net, fmt, source, missing, unexpected
         'densenet_jax.weights.replace_head(variables, model, rng) to fine-tune.')
   message = '\n'.join(lines)
   if mismatched:
-    message += _listing('shape mismatches', [f'{k} {got} vs {want}' for k, got, want in mismatched])
-  message += _listing('missing keys', missing) + _listing('unexpected keys', unexpected)
+    message += registry.format_keys('shape mismatches', [f'{k} {got} vs {want}' for k, got, want in mismatched])
+  message += registry.format_keys('missing keys', missing) + model_lib.format_keys('unexpected keys', unexpected)
   found = _infer(source, fmt)
   if found is not None:
     name, net = found
-    message += f'\n  The file looks like {name or "a DenseNet"} ({_describe(net)}).'
+    message += f'\n  The file looks like {name or "a DenseNet"} ({model_lib.describe(net)}).'
   return message
 
 
@@ -388,7 +361,7 @@ def normalize_torch_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]
   return out
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], model: str | models.DenseNet | None = None, *,
+def from_torch_state_dict(state_dict: Mapping[str, Any], model: str | model_lib.DenseNet | None = None, *,
                           source_label: str = 'the state dict') -> Variables:
   """Flax variables {'params', 'batch_stats'} (numpy float32 arrays) from a torchvision / timm DenseNet.
 
@@ -396,7 +369,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: str | models.Den
     state_dict: {name: torch.Tensor or numpy array} (or a torch.nn.Module). Accepts `module.` prefixes,
       old-style `norm.1` / `conv.1` names and ignores `num_batches_tracked`.
     model: a registry name ('densenet121', ...; the number of classes is then read from the file's
-      classifier), a `densenet_jax.models.DenseNet` (its num_classes must match the file's), or None to infer
+      classifier), a `densenet_jax.model.DenseNet` (its num_classes must match the file's), or None to infer
       the architecture from the names and shapes.
     source_label: how error messages name the source (readers pass the file name).
 
@@ -422,7 +395,7 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {key: array for _, key, array in sorted(out, key=lambda item: item[0])}
 
 
-def infer_model(source: Mapping[str, Any], framework: str = 'torch') -> tuple[str | None, models.DenseNet]:
+def infer_model(source: Mapping[str, Any], framework: str = 'torch') -> tuple[str | None, model_lib.DenseNet]:
   """(registry name or None, DenseNet) that a flat weight dict describes; framework 'torch' or 'keras'.
 
   Raises ValueError when the keys do not look like a DenseNet.
@@ -479,7 +452,7 @@ def keras_model_weights(keras_model) -> tuple[dict[str, np.ndarray], dict[str, f
   return weights, epsilons
 
 
-def from_keras(source, model: str | models.DenseNet | None = None, *,
+def from_keras(source, model: str | model_lib.DenseNet | None = None, *,
                epsilon: float | Mapping[str, float] = KERAS_BN_EPSILON,
                source_label: str | None = None) -> Variables:
   """Flax variables from a Keras applications DenseNet121 / 169 / 201.

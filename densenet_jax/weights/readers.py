@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 from absl import logging
 
-from densenet_jax import models
+from densenet_jax import model as model_lib
 from densenet_jax.weights import convert
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
@@ -220,7 +220,7 @@ def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], d
   return 'torch', read_state_dict(path), {}
 
 
-def load_weights_file(path: str | os.PathLike, model: str | models.DenseNet | None = None) -> convert.Variables:
+def load_weights_file(path: str | os.PathLike, model: str | model_lib.DenseNet | None = None) -> convert.Variables:
   """Flax variables {'params', 'batch_stats'} from any supported weight file (see from_torch_state_dict for
   `model`: a registry name, a DenseNet, or None to infer the architecture from the file)."""
   framework, weights, epsilons = read_weights(path)

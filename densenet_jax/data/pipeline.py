@@ -25,10 +25,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from densenet_jax.data import DATASET_NAMES, BadImageError, DatasetInfo
 from densenet_jax.data import preprocessing as pp
 from densenet_jax.data import sources
 
-DATASET_NAMES = ('cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012', 'image_folder', 'digits', 'synthetic')
 IMAGENET_SHUFFLE_BUFFER = 10_000  # encoded JPEGs (~110 kB each) per host
 # Independent random streams derived from the user's seed.
 _ORDER_STREAM = 1
@@ -59,32 +59,6 @@ _ARRAY_RECIPES = {
 }
 
 
-def _hide_gpus_from_tensorflow():
-  # TensorFlow only feeds the host; it must not reserve accelerator memory that JAX needs. This has to run before
-  # TensorFlow initializes its devices, hence at import.
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError as e:
-    logging.warning('Could not hide GPUs from TensorFlow (devices already initialized): %s', e)
-
-
-_hide_gpus_from_tensorflow()
-
-
-class BadImageError(ValueError):
-  """An image file that cannot be decoded; the message lists the files (bad files are fatal)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the model and the training loop need to know about a dataset."""
-
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]  # (H, W, C) the model sees
-  num_train_examples: int  # examples in the training split actually used
-  eval_splits: dict[str, int]  # split name -> examples
-  class_names: tuple[str, ...] | None = None
 
 
 def check_batch_size(global_batch_size: int, device_count: int) -> None:

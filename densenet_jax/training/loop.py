@@ -20,28 +20,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from densenet_jax import checkpoints, config_validation, input_pipeline, models, optim, parallel, reporting, weights
-# The pure steps live in steps.py (importable without TensorFlow); they are part of this module's API.
-from densenet_jax.steps import TrainState, create_train_state, eval_step, train_step
-
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks.
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int, input_channels: int):
-  """The config's DenseNet: a registry name, or 'cifar_densenet' with `config.architecture`."""
-  options = dict(
-      num_classes=num_classes,
-      dropout_rate=config.dropout_rate,
-      memory_efficient=config.memory_efficient,
-      layers_per_scan=config.layers_per_scan,
-      dtype=jnp.dtype(config.dtype),
-      input_channels=input_channels,
-  )
-  if config.model == 'cifar_densenet':
-    return models.cifar_densenet(**config.architecture.to_dict(), **options)
-  return models.create_model(config.model, **options)
+from densenet_jax import config as config_lib
+from densenet_jax import model as model_lib
+from densenet_jax.data import pipeline
+from densenet_jax.training import checkpoints, optim, parallel, reporting
+from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,10 +58,6 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-class TrainingDiverged(RuntimeError):
-  pass
-
-
 def _dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(data_dir=config.data_dir, image_size=config.image_size)
 
@@ -98,7 +78,7 @@ class Evaluator:
     )
 
   def __call__(self, state: TrainState) -> dict[str, float]:
-    batches = input_pipeline.create_eval_iterator(
+    batches = pipeline.create_eval_iterator(
         self.config.dataset,
         self.split,
         global_batch_size=self.config.batch_size,
@@ -131,19 +111,19 @@ def use_compilation_cache(directory: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates `config` in `workdir`; returns the final metrics."""
-  config_validation.validate(config)
+  config_lib.validate(config)
   use_compilation_cache(config.compilation_cache_dir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  config_validation.check_workdir(config, workdir)
+  workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
 
   mesh = parallel.create_mesh()
-  info = input_pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
-  config_validation.validate_against_data(config, info, jax.device_count())
+  info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
+  config_lib.validate_against_data(config, info, jax.device_count())
   steps_per_epoch = info.num_train_examples // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
 
-  model = create_model(config, info.num_classes, info.image_shape[-1])
+  model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
   learning_rate_fn = optim.create_learning_rate_fn(
       config.learning_rate, config.lr_boundaries_epochs, config.lr_decay_factor, steps_per_epoch
   )
@@ -162,12 +142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )(init_rng)
 
   checkpointer = checkpoints.Checkpointer(
-      os.path.join(workdir, checkpoints.CHECKPOINTS_DIR), keep=config.keep_checkpoints
+      os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR), keep=config.keep_checkpoints
   )
   best_checkpointer = None
   if config.keep_best_checkpoint:
     best_checkpointer = checkpoints.Checkpointer(
-        os.path.join(workdir, checkpoints.BEST_DIR), keep=1, asynchronous=False
+        os.path.join(workdir, workdir_lib.BEST_DIR), keep=1, asynchronous=False
     )
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -187,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,),
   )
   evaluate = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=False)
-  train_batches = input_pipeline.create_train_iterator(
+  train_batches = pipeline.create_train_iterator(
       config.dataset,
       global_batch_size=config.batch_size,
       seed=config.seed,
@@ -276,7 +256,7 @@ def _summarize_train_metrics(pending, step: int, steps_per_epoch: int) -> dict[s
 
 def _init_from(state: TrainState, path: str, model, rng: jax.Array, state_sharding) -> TrainState:
   """Starts from another checkpoint's weights; a classifier of another shape is re-initialized."""
-  variables = weights.replace_head(checkpoints.load_variables(path), model, rng)
+  variables = model_lib.replace_head(workdir_lib.load_variables(path), model, rng)
 
   def place(state, params, batch_stats):
     return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
@@ -286,19 +266,28 @@ def _init_from(state: TrainState, path: str, model, rng: jax.Array, state_shardi
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, checkpoint: str, *, split: str | None = None, ten_crop: bool = False
+    checkpoint: str, config: ml_collections.ConfigDict | None = None, *, split: str | None = None,
+    ten_crop: bool = False,
 ) -> dict[str, float]:
-  """Evaluates saved weights (a workdir, one of its checkpoints, or converted weights) on a split."""
-  config_validation.validate(config)
+  """Evaluates saved weights (a workdir, one of its checkpoints, or converted weights) on a split.
+
+  The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
+  dtype, by default the workdir's own config.json (workdir.run_config).
+  """
+  config = workdir_lib.run_config(checkpoint) if config is None else config
+  config_lib.validate(config)
   use_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.create_mesh()
-  info = input_pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
-  config_validation.validate_against_data(config, info, jax.device_count())
+  info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
+  config_lib.validate_against_data(config, info, jax.device_count())
   split = split or config.eval_split
   if split not in info.eval_splits and split != 'train':
-    raise config_validation.ConfigError(f'{info.name} has no split {split!r}; it has {", ".join(info.eval_splits)}.')
-  model = create_model(config, info.num_classes, info.image_shape[-1])
-  variables = checkpoints.load_variables(checkpoint)
+    raise config_lib.ConfigError(f'{info.name} has no split {split!r}; it has {", ".join(info.eval_splits)}.')
+  model, variables = workdir_lib.load_model(checkpoint, dtype=jnp.dtype(config.dtype), kernels=config.kernels)
+  if model.num_classes != info.num_classes:
+    raise config_lib.ConfigError(
+        f'The weights at {checkpoint} have {model.num_classes} classes, {info.name} has {info.num_classes}: '
+        'evaluate them on the dataset they were trained for.')
   state = TrainState.create(
       apply_fn=model.apply, params=variables['params'], batch_stats=variables.get('batch_stats', {}),
       tx=optax.identity(),

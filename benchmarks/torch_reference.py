@@ -1,4 +1,4 @@
-"""An independent PyTorch DenseNet: the counterpart of `densenet_jax.models` for tests and benchmarks.
+"""An independent PyTorch DenseNet: the counterpart of `densenet_jax.model` for tests and benchmarks.
 
 Written from the paper (not copied from torchvision), with a module tree whose state-dict keys are exactly
 torchvision's for the ImageNet models:
@@ -10,14 +10,14 @@ torchvision's for the ImageNet models:
 
 CIFAR-style models use the same names: `features.conv0` is the 3x3 stem (no norm0 / pool0) and the plain
 (no bottleneck) layers have only norm1 / relu1 / conv1. The final norm is `features.norm5` whatever the number
-of blocks (torchvision's name). Dropout follows the paper and `densenet_jax.models`: after every conv except the
+of blocks (torchvision's name). Dropout follows the paper and `densenet_jax.model`: after every conv except the
 stem's (torchvision drops only after the last conv of a layer); `memory_efficient=True` recomputes
 concat -> BN -> ReLU -> first conv in the backward pass with `torch.utils.checkpoint`.
 
 Importing this module needs PyTorch; nothing else in densenet_jax imports it.
 
-    from densenet_jax.torch_reference import build_torch_densenet
-    net = build_torch_densenet('densenet121').eval()          # or a densenet_jax.models.DenseNet
+    from benchmarks.torch_reference import build_torch_densenet
+    net = build_torch_densenet('densenet121').eval()          # or a densenet_jax.model.DenseNet
     logits = net(images_nchw)
 """
 
@@ -31,14 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
-from densenet_jax import models
+from densenet_jax import model as model_lib
+from densenet_jax.model import layers
 
-# models.py uses Flax's momentum convention (running = 0.9 * running + 0.1 * batch); PyTorch's is the complement.
-_TORCH_BN_MOMENTUM = 1.0 - models.BATCH_NORM_MOMENTUM
+# model_lib.py uses Flax's momentum convention (running = 0.9 * running + 0.1 * batch); PyTorch's is the complement.
+_TORCH_BN_MOMENTUM = 1.0 - layers.BATCH_NORM_MOMENTUM
 
 
 def _norm(channels: int) -> nn.BatchNorm2d:
-  return nn.BatchNorm2d(channels, eps=models.BATCH_NORM_EPSILON, momentum=_TORCH_BN_MOMENTUM)
+  return nn.BatchNorm2d(channels, eps=layers.BATCH_NORM_EPSILON, momentum=_TORCH_BN_MOMENTUM)
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
@@ -54,7 +55,7 @@ class DenseLayer(nn.Module):
     self.bottleneck = bottleneck
     self.dropout_rate = dropout_rate
     self.memory_efficient = memory_efficient
-    first_out = models.BOTTLENECK_WIDTH * growth_rate if bottleneck else growth_rate
+    first_out = model_lib.BOTTLENECK_WIDTH * growth_rate if bottleneck else growth_rate
     self.norm1 = _norm(in_channels)
     self.relu1 = nn.ReLU(inplace=True)
     self.conv1 = _conv(in_channels, first_out, 1 if bottleneck else 3)
@@ -106,7 +107,7 @@ class Transition(nn.Sequential):
 
 
 class TorchDenseNet(nn.Module):
-  """DenseNet on NCHW images; same hyperparameters as `densenet_jax.models.DenseNet`."""
+  """DenseNet on NCHW images; same hyperparameters as `densenet_jax.model.DenseNet`."""
 
   def __init__(self, block_sizes=(6, 12, 24, 16), growth_rate: int = 32, num_classes: int = 1000,
                stem: str = 'imagenet', stem_channels: int = 64, bottleneck: bool = True,
@@ -138,7 +139,7 @@ class TorchDenseNet(nn.Module):
     self._initialize()
 
   def _initialize(self) -> None:
-    # The paper's init (as models.py): He fan-out normal convs, BN (1, 0), Torch-default Linear weight, bias 0.
+    # The paper's init (as model_lib.py): He fan-out normal convs, BN (1, 0), Torch-default Linear weight, bias 0.
     for module in self.modules():
       if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
@@ -153,16 +154,16 @@ class TorchDenseNet(nn.Module):
     return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_torch_densenet(model: str | models.DenseNet, *, num_classes: int | None = None) -> TorchDenseNet:
-  """The PyTorch twin of a Flax DenseNet: a registry name ('densenet121', ...) or a `models.DenseNet`.
+def build_torch_densenet(model: str | model_lib.DenseNet, *, num_classes: int | None = None) -> TorchDenseNet:
+  """The PyTorch twin of a Flax DenseNet: a registry name ('densenet121', ...) or a `model_lib.DenseNet`.
 
   With a name, `num_classes` defaults to the registry's (1000 for ImageNet models, 10 for CIFAR models).
   Parameters are freshly initialized; load weights with `load_state_dict`.
   """
   if isinstance(model, str):
-    if model not in models.MODELS:
-      raise ValueError(f'Unknown model {model!r}. Valid names: {", ".join(models.MODELS)}.')
-    model = models.MODELS[model]() if num_classes is None else models.create_model(model, num_classes=num_classes)
+    if model not in model_lib.MODELS:
+      raise ValueError(f'Unknown model {model!r}. Valid names: {", ".join(model_lib.MODELS)}.')
+    model = model_lib.MODELS[model]() if num_classes is None else model_lib.create_model(model, num_classes=num_classes)
   elif num_classes is not None:
     model = model.clone(num_classes=num_classes)
   return TorchDenseNet(

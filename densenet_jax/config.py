@@ -1,62 +1,88 @@
-"""Checks a config before anything is compiled, so that a typo costs a second, not an hour.
+"""The config schema: every field the training loop reads, with the paper's shared recipe, and its checks.
 
-Every problem raises ConfigError with the field's name and what to do; train.py turns it into a
-one-paragraph message and exit code 2.
+Every file in configs/ starts from `get_config()` and overrides a few fields; any field can also be overridden on
+the command line, e.g. `--config.num_epochs=10`. `validate` and `validate_against_data` check a config before
+anything is compiled, so that a typo costs a second, not an hour: every problem raises ConfigError with the field's
+name and what to do. No TensorFlow, no I/O.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import os
-import re
-import sys
 
-import jax
 import ml_collections
-from absl import flags
 
-from densenet_jax import defaults, input_pipeline, models
+from densenet_jax import data
+from densenet_jax.model import kernels, registry
 
-RESOLVED_CONFIG_FILE = defaults.RESOLVED_CONFIG_FILE
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 ARCHITECTURE_FIELDS = {'depth': int, 'growth_rate': int, 'bottleneck': bool, 'compression': float}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model: a name of densenet_jax.model.MODELS, or 'cifar_densenet' built from `architecture`.
+  config.model = 'densenet_bc_l100_k12'
+  config.architecture = ml_collections.ConfigDict()  # depth, growth_rate, bottleneck, compression
+  config.dropout_rate = 0.0
+  config.memory_efficient = False
+  # n > 0: compute each dense block n layers at a time under jax.lax.scan (needs memory_efficient): the
+  # same model, several times faster to compile (docs/performance.md). 0: every layer written out.
+  config.layers_per_scan = 0
+  config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
+  # How convolutions are written for the compiler (densenet_jax/model/kernels.py): 'xla', 'cpu', or None for the
+  # measured default of the backend the run computes on. Every choice computes the same function.
+  config.kernels = ml_collections.FieldReference(None, field_type=str)
+
+  # Data (densenet_jax.data).
+  config.dataset = 'cifar10'
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.download = False  # let TFDS download and prepare a missing dataset (needs internet)
+  config.augment = True
+  config.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset default
+  config.eval_split = 'test'
+  config.ten_crop_eval = False  # ImageNet: also report the 10-crop error
+
+  # Optimization: SGD, Nesterov momentum 0.9, weight decay 1e-4 on every parameter (paper, Sec. 4.2).
+  config.batch_size = 64  # global, over all devices of all hosts
+  config.gradient_accumulation_steps = 1  # split each batch into this many sequential micro-batches
+  config.num_epochs = 300
+  config.learning_rate = 0.1
+  config.lr_boundaries_epochs = (150, 225)  # the learning rate is divided by 10 at each
+  config.lr_decay_factor = 0.1
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4
+
+  # Evaluation, logging, checkpoints.
+  config.eval_every_epochs = 1
+  config.log_every_steps = 50
+  config.checkpoint_every_epochs = 1
+  config.keep_checkpoints = 3
+  config.keep_best_checkpoint = False  # SVHN: keep the checkpoint with the lowest eval error
+  config.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune from a checkpoint
+  config.seed = 0
+  config.progress_bar = True
+  # Compiled steps are kept here and reused by any later run of the same model, batch and devices: a resume,
+  # a rerun or an evaluation skips most of XLA's compile time. '' keeps nothing.
+  config.compilation_cache_dir = '~/.cache/densenet_jax/compilation_cache'
+
+  return config
+
+
+def with_defaults(resolved: dict) -> dict:
+  """A run's resolved config (its config.json) completed with the fields added since, at their defaults."""
+  return {**json.loads(get_config().to_json_best_effort(sort_keys=True)), **resolved}
 
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the field and the fix."""
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """Flags parser for absl's app.run: an override of a field the config lacks (a typo such as
-  --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:  # absl's own message for a malformed flag value.
-    print(f'FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.',
-          file=sys.stderr)
-    sys.exit(1)
-  except (AttributeError, KeyError) as error:
-    # ml_collections rejects the unknown field while parsing, as KeyError("'name'\nDid you mean ...").
-    text = error
-    while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(message))
-      text = text.args[0]
-    match = re.match(r"\W*(\w+)'?\s*(Did you mean .*)?", str(text), re.DOTALL)
-    if match is None:
-      raise
-    field, hint = match.group(1), match.group(2)
-    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
-    culprit = next((arg for arg in overrides if field in arg[len('--config.'):].split('.')), None)
-    if culprit is None:
-      raise
-    hint = f' {hint.strip()}' if hint else ''
-    print(f'Config error: {culprit}: the config has no field {field!r}.{hint} The fields, with their '
-          'meaning, are listed in densenet_jax/defaults.py.', file=sys.stderr)
-    sys.exit(2)
-
-
 def _check_known_fields(config: ml_collections.ConfigDict) -> None:
-  reference = defaults.get_config()
+  reference = get_config()
   for key in config.keys():
     if key not in reference:
       close = difflib.get_close_matches(key, list(reference.keys()), n=1)
@@ -83,12 +109,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'{sorted(ARCHITECTURE_FIELDS)}; got {sorted(given)}.'
       )
     try:
-      models.cifar_densenet(**config.architecture.to_dict())
+      registry.cifar_densenet(**config.architecture.to_dict())
     except (ValueError, TypeError) as error:
       raise ConfigError(f'config.architecture: {error}') from None
-  elif config.model not in models.MODELS:
+  elif config.model not in registry.MODELS:
     raise ConfigError(
-        f'config.model={config.model!r} is not a model. Use one of {", ".join(models.MODELS)}, '
+        f'config.model={config.model!r} is not a model. Use one of {", ".join(registry.MODELS)}, '
         "or 'cifar_densenet' with config.architecture."
     )
   elif len(config.architecture):
@@ -96,11 +122,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.architecture is only read when config.model is "cifar_densenet", not {config.model!r}; '
         'remove it.'
     )
-  if config.dataset not in input_pipeline.DATASET_NAMES:
+  if config.dataset not in data.DATASET_NAMES:
     raise ConfigError(
         f'config.dataset={config.dataset!r} is not a dataset. Use one of '
-        f'{", ".join(input_pipeline.DATASET_NAMES)}.'
+        f'{", ".join(data.DATASET_NAMES)}.'
     )
+  if config.kernels is not None and config.kernels not in kernels.KERNELS:
+    raise ConfigError(f'config.kernels={config.kernels!r}: use one of {", ".join(kernels.KERNELS)}, or None for the '
+                      'measured default of the backend.')
   if config.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'config.dtype={config.dtype!r}: use one of {", ".join(COMPUTE_DTYPES)}.')
   for field in ('batch_size', 'num_epochs', 'gradient_accumulation_steps', 'log_every_steps',
@@ -130,7 +159,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def validate_against_data(config: ml_collections.ConfigDict, info, device_count: int) -> None:
+def validate_against_data(config: ml_collections.ConfigDict, info: data.DatasetInfo, device_count: int) -> None:
   """Checks that need the dataset's facts and the number of devices."""
   per_step = device_count * config.gradient_accumulation_steps
   if config.batch_size % per_step:
@@ -150,32 +179,3 @@ def validate_against_data(config: ml_collections.ConfigDict, info, device_count:
         f'config.batch_size={config.batch_size} exceeds the {info.num_train_examples} training '
         f'examples of {info.name}.'
     )
-
-
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to continue a run of another config in `workdir`; records the config of a new run.
-
-  Fields that do not change the result (logging, progress bar, checkpoints kept, compilation cache) may differ.
-  """
-  path = os.path.join(workdir, RESOLVED_CONFIG_FILE)
-  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    cosmetic = {'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir'}
-    previous = defaults.with_defaults(previous)  # A field added since the run started ran at its default.
-    changed = sorted(k for k in set(previous) | set(resolved)
-                     if k not in cosmetic and previous.get(k) != resolved.get(k))
-    if changed:
-      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed[:8])
-      raise ConfigError(
-          f'{workdir} holds a run with another config ({details}). Use a new --workdir for a new '
-          f'run, or delete {path} to resume that run with the new config anyway.'
-      )
-    return
-  if jax.process_index() != 0:
-    return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)

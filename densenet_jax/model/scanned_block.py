@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import layers
-from densenet_jax.layers import Moments
+from densenet_jax.model import dense_layer, layers
+from densenet_jax.model.layers import Moments
 
 Array = jax.Array
 Tree = Mapping[str, Any]
@@ -39,20 +39,20 @@ Tree = Mapping[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-  """The static shape of a dense block and how it is grouped."""
+  """The static shape of a dense block, how it is grouped, and what each of its layers computes."""
 
   input_channels: int
   num_layers: int
-  growth_rate: int
-  bottleneck: bool
   layers_per_scan: int
-  dropout_rate: float
-  epsilon: float
-  dtype: Any
+  layer: dense_layer.LayerSpec
 
   def __post_init__(self):
     if self.layers_per_scan < 1:
       raise ValueError(f'layers_per_scan must be at least 1, got {self.layers_per_scan}.')
+
+  @property
+  def growth_rate(self) -> int:
+    return self.layer.growth_rate
 
   @property
   def output_channels(self) -> int:
@@ -97,47 +97,6 @@ def stack_groups(spec: BlockSpec, per_layer: Sequence[Tree]) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# One dense layer on a padded input: BN-ReLU-conv ("bottom"), and for DenseNet-B BN-ReLU-conv3x3 ("top").
-
-
-def _conv3x3(x: Array, kernel: Array, dtype: Any) -> Array:
-  return layers.conv3x3(x.astype(dtype), kernel.astype(dtype))
-
-
-def _dropout(x: Array, rate: float, key: Array | None) -> Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def _dropout_keys(key: Array | None) -> tuple[Array | None, Array | None]:
-  """A layer's key split into the keys of its two dropouts (after the first and the second conv)."""
-  return (None, None) if key is None else tuple(jax.random.split(key))
-
-
-def _bottom(spec: BlockSpec, x: Array, stats: Moments, params: Tree, key: Array | None) -> Array:
-  """BN-ReLU-conv of the padded input: the bottleneck 1x1 conv (DenseNet-B) or the layer's 3x3 conv."""
-  norm = params['norm1']
-  y = layers.normalize_relu(x, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
-  kernel = params['conv1']['kernel']
-  if spec.bottleneck:
-    z = jnp.dot(y, kernel.reshape(kernel.shape[-2:]).astype(spec.dtype))
-  else:
-    z = _conv3x3(y, kernel, spec.dtype)
-  return _dropout(z, spec.dropout_rate, key)
-
-
-def _top(spec: BlockSpec, z: Array, stats: Moments | None, params: Tree, key: Array | None):
-  """BN-ReLU-conv3x3 of the bottleneck output; batch moments when `stats` is None (training)."""
-  stats = layers.moments(z) if stats is None else stats
-  norm = params['norm2']
-  y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
-  new = _conv3x3(y, params['conv2']['kernel'], spec.dtype)
-  return _dropout(new, spec.dropout_rate, key), stats
-
-
-# ----------------------------------------------------------------------------------------------
 # The forward pass, shared by training (batch moments) and evaluation (running statistics).
 
 
@@ -164,12 +123,13 @@ def _forward(spec, x, group_params, group_keys, group_stats):
     def body(carry, row, group_width=group_width):
       buffer, block_moments = carry
       index, params, key, stats = row
-      bottom_key, top_key = _dropout_keys(key)
+      bottom_key, top_key = dense_layer.dropout_keys(key)
       norm1 = Moments(*(m[:group_width] for m in block_moments)) if train else Moments(**stats['norm1'])
-      z = _bottom(spec, buffer[..., :group_width], norm1, params, bottom_key)
+      z = dense_layer.dense_layer_bottom(spec.layer, params, buffer[..., :group_width], norm1, bottom_key)
       new, z_moments = z, None
-      if spec.bottleneck:
-        new, z_moments = _top(spec, z, None if train else Moments(**stats['norm2']), params, top_key)
+      if spec.layer.bottleneck:
+        norm2 = None if train else Moments(**stats['norm2'])
+        new, z_moments = dense_layer.dense_layer_top(spec.layer, params, z, norm2, top_key)
       position = spec.input_width(index)
       buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), position, axis=-1)
       if train:
@@ -177,7 +137,7 @@ def _forward(spec, x, group_params, group_keys, group_stats):
             jax.lax.dynamic_update_slice_in_dim(m, new_m, position, axis=0)
             for m, new_m in zip(block_moments, layers.moments(new))
         ))
-      keep = (z, z_moments) if train and spec.bottleneck else None
+      keep = (z, z_moments) if train and spec.layer.bottleneck else None
       return (buffer, block_moments), keep
 
     rows = (jnp.arange(group.start, group.stop), params, keys, stats)
@@ -217,7 +177,7 @@ def _train_backward(spec, residuals, cotangents):
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
       index, params, key, z = row
-      bottom_key, top_key = _dropout_keys(key)
+      bottom_key, top_key = dense_layer.dropout_keys(key)
       position = spec.input_width(index)
       new = jax.lax.dynamic_slice_in_dim(buffer, position, growth, axis=-1)
       # Every later layer has added its share of this layer's output gradient; add the share that
@@ -227,11 +187,11 @@ def _train_backward(spec, residuals, cotangents):
       d_new = d_new + jax.vjp(layers.moments, new)[1](d_new_moments)[0]
 
       def bottom(inputs, norm1, params):
-        return _bottom(spec, inputs, norm1, params, bottom_key)
+        return dense_layer.dense_layer_bottom(spec.layer, params, inputs, norm1, bottom_key)
 
-      if spec.bottleneck:
+      if spec.layer.bottleneck:
         def top(z, params):
-          return _top(spec, z, None, params, top_key)
+          return dense_layer.dense_layer_top(spec.layer, params, z, None, top_key)
 
         (_, z_moments), top_vjp = jax.vjp(top, z, params)
         d_z, d_params_top = top_vjp((d_new, Moments(*(jnp.zeros_like(m) for m in z_moments))))
@@ -261,23 +221,23 @@ _train.defvjp(_train_forward, _train_backward)
 # Entry points for DenseBlock.
 
 
-def _group_keys(spec: BlockSpec, key: Array | None) -> list[Any]:
-  if key is None or spec.dropout_rate == 0.0:
+def _group_keys(spec: BlockSpec, layer_keys: Sequence[Array | None]) -> list[Any]:
+  """Per group, its layers' dropout keys stacked (None without dropout)."""
+  if layer_keys[0] is None:
     return [None] * len(spec.groups())
-  keys = jax.random.split(key, spec.num_layers)
-  return [keys[group.start:group.stop] for group in spec.groups()]
+  return [jnp.stack(layer_keys[group.start:group.stop]) for group in spec.groups()]
 
 
-def train(spec: BlockSpec, x: Array, params: Sequence[Tree], dropout_key: Array | None = None):
+def train(spec: BlockSpec, x: Array, params: Sequence[Tree], layer_keys: Sequence[Array | None]):
   """The block's output in training mode, and each layer's batch statistics (not differentiated).
 
-  `params[i]` are the params of layer i as `DenseLayer` has them. Returns (output, stats) where
+  `params[i]` are the params of layer i as `DenseLayer` has them, `layer_keys[i]` its dropout key (or None). Returns (output, stats) where
   stats[i] = {'norm1': Moments, 'norm2': Moments} (norm2 only with a bottleneck), the batch mean and
   variance each BatchNorm of layer i normalized with.
   """
-  x = x.astype(spec.dtype)
+  x = x.astype(spec.layer.dtype)
   output, (block_moments, bottleneck_moments) = _train(
-      spec, x, stack_groups(spec, params), _group_keys(spec, dropout_key)
+      spec, x, stack_groups(spec, params), _group_keys(spec, layer_keys)
   )
   block_moments = jax.lax.stop_gradient(block_moments)
   stats = []
@@ -293,8 +253,8 @@ def train(spec: BlockSpec, x: Array, params: Sequence[Tree], dropout_key: Array 
 
 def evaluate(spec: BlockSpec, x: Array, params: Sequence[Tree], batch_stats: Sequence[Tree]) -> Array:
   """The block's output in evaluation mode (running statistics); differentiable by JAX as usual."""
-  x = x.astype(spec.dtype)
+  x = x.astype(spec.layer.dtype)
   output, _, _ = _forward(
-      spec, x, stack_groups(spec, params), _group_keys(spec, None), stack_groups(spec, batch_stats)
+      spec, x, stack_groups(spec, params), _group_keys(spec, [None]), stack_groups(spec, batch_stats)
   )
   return output

@@ -1,9 +1,7 @@
 """Checkpoints with orbax: periodic, asynchronous, atomic; exact resume; variables for fine-tuning.
 
-Layout of a workdir:
-    WORKDIR/checkpoints/<step>/   the latest `keep` training states (TrainState: step, params,
-                                  batch_stats, opt_state)
-    WORKDIR/best/<step>/          with keep_best_checkpoint: the state with the best eval accuracy
+A training run keeps TrainStates (step, params, batch_stats, opt_state) in a CheckpointManager directory, one
+`<step>/` each (workdir.py says where); converted weights are one standalone checkpoint of the variables.
 
 Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames it
 when complete, so a run killed while saving leaves no half-written checkpoint behind: the next start warns
@@ -22,8 +20,6 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-CHECKPOINTS_DIR = 'checkpoints'
-BEST_DIR = 'best'
 INCOMPLETE_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint whose write did not finish
 
 
@@ -54,7 +50,7 @@ class Checkpointer:
   """Saves and restores training states of one directory (a thin layer over CheckpointManager).
 
   Opening one deletes the unfinished checkpoints of a crashed run (with a warning), so do not open it on
-  the workdir of a run in progress; read such a workdir with load_variables.
+  the workdir of a run in progress; read such a workdir with workdir.load_variables.
   """
 
   def __init__(self, directory: str, *, keep: int, asynchronous: bool = True):
@@ -173,16 +169,9 @@ def read_metadata(path: str) -> dict[str, Any]:
 
 
 def load_variables(path: str) -> dict[str, Any]:
-  """Reads {'params', 'batch_stats'} as numpy arrays from a checkpoint written by save_variables,
-  from one step directory of a training run, or from a training workdir (its latest checkpoint)."""
+  """Reads {'params', 'batch_stats'} as numpy arrays from a checkpoint written by save_variables or from one step
+  directory of a training run (workdir.load_variables also takes a workdir)."""
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINTS_DIR))
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{path} is a workdir without any complete checkpoint.')
-    path = os.path.join(path, CHECKPOINTS_DIR, str(step))
-    manager.close()
   item = path
   if os.path.isdir(os.path.join(path, 'default')):  # a step directory written by CheckpointManager
     item = os.path.join(path, 'default')

@@ -6,7 +6,6 @@ Only process 0 writes; the other processes get a writer that does nothing.
 from __future__ import annotations
 
 import json
-import logging as python_logging
 import os
 import time
 from collections.abc import Mapping
@@ -15,23 +14,8 @@ import jax
 import numpy as np
 import tqdm
 
-METRICS_FILE = 'metrics.jsonl'
-CURVES_FILE = 'error_curves.png'
+from densenet_jax.training import workdir as workdir_lib
 
-
-def show_only_own_info_logs() -> None:
-  """Keeps every library's warnings and errors on the console, but only this project's INFO lines."""
-  from absl import logging
-
-  package = os.path.dirname(os.path.abspath(__file__))
-  scripts = os.path.dirname(package)  # train.py, evaluate.py
-
-  def own_or_important(record: python_logging.LogRecord) -> bool:
-    path = os.path.abspath(record.pathname)
-    return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
-            or os.path.dirname(path) == scripts)
-
-  logging.get_absl_handler().addFilter(own_or_important)
 
 
 class MetricWriter:
@@ -39,12 +23,12 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     self._tensorboard = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # Pure Python; keeps the training loop free of TF.
 
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tensorboard = SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR))
 
   def write(self, step: int, epoch: float, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -63,7 +47,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, METRICS_FILE)
+  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -92,7 +76,7 @@ def plot_error_curves(workdir: str) -> str | None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, CURVES_FILE)
+  path = os.path.join(workdir, workdir_lib.CURVES_FILE)
   fig.savefig(path)
   plt.close(fig)
   return path

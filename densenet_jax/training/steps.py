@@ -1,6 +1,6 @@
 """The pure training and evaluation steps, and the state they carry (no TensorFlow, no I/O).
 
-`train.py` compiles them over a device mesh and loops; benchmarks/bench.py times them as they are.
+loop.py compiles them over a device mesh and loops; benchmarks/ time them as they are.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from densenet_jax import models
+from densenet_jax import model as model_lib
 
 Batch = Mapping[str, jax.Array]
+
+
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite; the message names the step and what to do."""
 
 
 class TrainState(train_state.TrainState):
@@ -23,7 +27,7 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(
-    rng: jax.Array, model: models.DenseNet, image_shape: tuple[int, ...], tx: optax.GradientTransformation
+    rng: jax.Array, model: model_lib.DenseNet, image_shape: tuple[int, ...], tx: optax.GradientTransformation
 ) -> TrainState:
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
   return TrainState.create(

@@ -1,0 +1,123 @@
+"""What train.py and evaluate.py share: the process set-up before TensorFlow and JAX start, flags, logging,
+multi-process start, and the table of failures that end a run with one paragraph and an exit code.
+
+The entry points call `prepare_environment()` first, before anything imports TensorFlow or lets JAX compute.
+"""
+
+from __future__ import annotations
+
+import logging as python_logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from absl import app, flags, logging
+
+from densenet_jax import config as config_lib
+from densenet_jax import data, xla_flags
+from densenet_jax.training import checkpoints, parallel, steps
+
+T = TypeVar('T')
+
+# Failures the user can act on: one paragraph and an exit code, no traceback. 2: fix the input; 1: the run
+# stopped (its complete checkpoints are kept).
+FAILURES: dict[type[BaseException], tuple[str, int]] = {
+    config_lib.ConfigError: ('Config error', 2),
+    steps.TrainingDiverged: ('Training stopped', 1),
+    FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
+    data.BadImageError: ('Data error', 2),
+    checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
+}
+
+
+def prepare_environment(environ=os.environ) -> None:
+  """Process-wide settings that must precede the first TensorFlow import and JAX's first computation.
+
+  TensorFlow's C++ INFO and WARNING lines (CPU features, oneDNN notices) are hidden unless the user set
+  TF_CPP_MIN_LOG_LEVEL; the XLA flags of xla_flags.py are added to XLA_FLAGS.
+  """
+  environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  xla_flags.set_defaults(environ)
+
+
+def keep_accelerators_for_jax() -> None:
+  """TensorFlow only feeds the host: it must not reserve GPU memory that JAX needs. Call before TF starts."""
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError as error:
+    logging.warning('Could not hide GPUs from TensorFlow (its devices were already initialized): %s', error)
+
+
+def show_only_own_info_logs() -> None:
+  """Keeps every library's warnings and errors on the console, but only this project's INFO lines."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  scripts = os.path.dirname(package)  # train.py, evaluate.py
+
+  def own_or_important(record: python_logging.LogRecord) -> bool:
+    path = os.path.abspath(record.pathname)
+    return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
+            or os.path.dirname(path) == scripts)
+
+  logging.get_absl_handler().addFilter(own_or_important)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Flags parser for absl's app.run: an override of a field the config lacks (a typo such as
+  --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:  # absl's own message for a malformed flag value.
+    print(f'FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.',
+          file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as error:
+    # ml_collections rejects the unknown field while parsing, as KeyError("'name'\nDid you mean ...").
+    text = error
+    while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(message))
+      text = text.args[0]
+    match = re.match(r"\W*(\w+)'?\s*(Did you mean .*)?", str(text), re.DOTALL)
+    if match is None:
+      raise
+    field, hint = match.group(1), match.group(2)
+    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
+    culprit = next((arg for arg in overrides if field in arg[len('--config.'):].split('.')), None)
+    if culprit is None:
+      raise
+    hint = f' {hint.strip()}' if hint else ''
+    print(f'Config error: {culprit}: the config has no field {field!r}.{hint} The fields, with their meaning, are '
+          'listed in densenet_jax/config.py.', file=sys.stderr)
+    sys.exit(2)
+
+
+def start(argv: list[str]) -> None:
+  """The common start of main(): no positional arguments, quiet logs, TF off the GPUs, distributed JAX."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  show_only_own_info_logs()
+  keep_accelerators_for_jax()
+  parallel.maybe_initialize_distributed()
+
+
+def run_reporting_failures(job: Callable[[], T]) -> T:
+  """`job()`, with every failure of FAILURES printed as one paragraph and ended with its exit code."""
+  try:
+    return job()
+  except tuple(FAILURES) as error:
+    label, exit_code = next(v for k, v in FAILURES.items() if isinstance(error, k))
+    print(f'{label}: {error}', file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+  return ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())
+
+
+def main(main_function: Callable[[list[str]], None]) -> None:
+  """app.run with the config-aware flags parser."""
+  app.run(main_function, flags_parser=parse_flags)

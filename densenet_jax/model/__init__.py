@@ -1,0 +1,37 @@
+"""DenseNet models in Flax: jax, flax and numpy only (no TensorFlow, optax or orbax; no environment reads).
+
+    from densenet_jax.model import create_model
+    model = create_model('densenet121', num_classes=1000)
+
+densenet.py holds the architecture, registry.py the paper's models by name, layers.py BatchNorm-ReLU,
+kernels.py how convolutions run on each backend, scanned_block.py the scanned form of a dense block.
+"""
+
+from densenet_jax.model.densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from densenet_jax.model.registry import (
+    MODELS,
+    WeightMismatchError,
+    abstract_variables,
+    cifar_densenet,
+    create_model,
+    describe,
+    from_config,
+    imagenet_densenet,
+    replace_head,
+)
+
+__all__ = [
+    'MODELS',
+    'DenseBlock',
+    'DenseLayer',
+    'DenseNet',
+    'Transition',
+    'WeightMismatchError',
+    'abstract_variables',
+    'cifar_densenet',
+    'create_model',
+    'describe',
+    'from_config',
+    'imagenet_densenet',
+    'replace_head',
+]

@@ -1,0 +1,88 @@
+"""One dense layer as a pure function of its parameters, shared by every form of a dense block.
+
+BN-ReLU-Conv3x3 (DenseNet), or with a bottleneck BN-ReLU-Conv1x1(4k)-BN-ReLU-Conv3x3(k) (DenseNet-B). Split in two
+halves (`dense_layer_bottom`, `dense_layer_top`) so that the scanned block's hand-written backward pass can keep
+the bottleneck output between them, as `memory_efficient` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from densenet_jax.model import kernels as kernel_sets
+from densenet_jax.model import layers
+from densenet_jax.model.layers import Moments
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+BOTTLENECK_WIDTH = 4  # The bottleneck 1x1 conv produces 4 * growth_rate channels.
+BOTTLENECK_OUTPUT = 'dense_layer_bottleneck_output'  # what memory_efficient keeps of each layer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """What a dense layer computes, apart from its parameters."""
+
+  growth_rate: int
+  bottleneck: bool
+  dropout_rate: float
+  dtype: Any
+  kernels: kernel_sets.Kernels
+  epsilon: float = layers.BATCH_NORM_EPSILON
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout, as flax.linen.Dropout computes it; the identity without a key."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dropout_keys(key: Array | None) -> tuple[Array | None, Array | None]:
+  """A layer's dropout key split into the keys after its first and its second convolution."""
+  return (None, None) if key is None else tuple(jax.random.split(key))
+
+
+def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments, key: Array | None) -> Array:
+  """BN-ReLU-conv of the layer input x: the bottleneck 1x1 conv (DenseNet-B) or the layer's 3x3 conv."""
+  norm = params['norm1']
+  y = layers.normalize_relu(x, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
+  kernel = params['conv1']['kernel'].astype(spec.dtype)
+  conv = spec.kernels.conv1x1 if spec.bottleneck else spec.kernels.conv3x3
+  return dropout(conv(y, kernel), spec.dropout_rate, key)
+
+
+def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | None, key: Array | None):
+  """BN-ReLU-conv3x3 of a bottleneck output z; (new feature map, the moments z was normalized with).
+
+  `stats` None: training, normalize with z's batch moments.
+  """
+  stats = layers.moments(z) if stats is None else stats
+  norm = params['norm2']
+  y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
+  new = spec.kernels.conv3x3(y, params['conv2']['kernel'].astype(spec.dtype))
+  return dropout(new, spec.dropout_rate, key), stats
+
+
+def dense_layer(
+    spec: LayerSpec, params: Params, x: Array, stats: Moments, bottleneck_stats: Moments | None, key: Array | None
+) -> tuple[Array, Moments | None]:
+  """One dense layer: `growth_rate` new channels from x, the concatenation of every earlier feature map.
+
+  `stats` normalize x (batch moments in training, running averages in evaluation); `bottleneck_stats` those of
+  the bottleneck output (None in training: its batch moments). Returns the new feature map and the moments the
+  bottleneck output was normalized with (None without a bottleneck).
+  """
+  bottom_key, top_key = dropout_keys(key)
+  z = dense_layer_bottom(spec, params, x, stats, bottom_key)
+  if not spec.bottleneck:
+    return z, None
+  return dense_layer_top(spec, params, checkpoint_name(z, BOTTLENECK_OUTPUT), bottleneck_stats, top_key)

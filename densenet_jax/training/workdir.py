@@ -1,0 +1,175 @@
+"""The layout of a run's workdir, and loading what a user points at: a workdir, a checkpoint, converted weights.
+
+    WORKDIR/config.json           the resolved config (a rerun with another config is refused)
+    WORKDIR/checkpoints/<step>/   the latest `keep_checkpoints` training states
+    WORKDIR/best/<step>/          with keep_best_checkpoint: the state with the best eval accuracy
+    WORKDIR/metrics.jsonl         one JSON object per logged step
+    WORKDIR/tensorboard/          TensorBoard events
+    WORKDIR/error_curves.png      train and eval error vs epoch
+
+    model, variables = load_model(path)     # any of: a workdir, WORKDIR/checkpoints/<step>, converted weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from densenet_jax import config as config_lib
+from densenet_jax import model as model_lib
+from densenet_jax.training import checkpoints
+
+CONFIG_FILE = 'config.json'
+CHECKPOINTS_DIR = 'checkpoints'
+BEST_DIR = 'best'
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+CURVES_FILE = 'error_curves.png'
+IMAGENET_CLASSES = 1000
+
+# Fields that do not change what a run computes: a resumed run may change them.
+COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir'})
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bool = True) -> None:
+  """Refuses to continue a run of another config in `workdir`; records the config of a new run.
+
+  Fields that do not change the result (COSMETIC_FIELDS) may differ. Only the `writer` process writes.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = config_lib.with_defaults(json.load(f))  # A field added since the run started ran at its default.
+    changed = sorted(k for k in set(previous) | set(resolved)
+                     if k not in COSMETIC_FIELDS and previous.get(k) != resolved.get(k))
+    if changed:
+      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed[:8])
+      raise config_lib.ConfigError(
+          f'{workdir} holds a run with another config ({details}). Use a new --workdir for a new run, or delete '
+          f'{path} to resume that run with the new config anyway.'
+      )
+    return
+  if not writer:
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(resolved, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def find_config(path: str) -> str | None:
+  """config.json of a workdir, given the workdir or one of its WORKDIR/{checkpoints,best}/<step> directories."""
+  path = os.path.abspath(path)
+  candidates = [path]
+  if os.path.basename(os.path.dirname(path)) in (CHECKPOINTS_DIR, BEST_DIR):
+    candidates.append(os.path.dirname(os.path.dirname(path)))
+  for directory in candidates:
+    candidate = os.path.join(directory, CONFIG_FILE)
+    if os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def read_config(config_path: str) -> ml_collections.ConfigDict:
+  """A run's config.json, completed with the fields added since at their defaults."""
+  with open(config_path) as f:
+    return ml_collections.ConfigDict(config_lib.with_defaults(json.load(f)))
+
+
+def run_config(path: str) -> ml_collections.ConfigDict:
+  """The config a checkpoint was trained with: its workdir's config.json; for converted ImageNet weights (1000
+  classes, no config of their own) the paper's ImageNet evaluation setup."""
+  config_path = find_config(path)
+  if config_path is not None:
+    return read_config(config_path)
+  metadata = checkpoints.read_metadata(checkpoint_path(path))
+  if metadata.get('num_classes') != IMAGENET_CLASSES:
+    raise config_lib.ConfigError(
+        f'{path} records no training config (no {CONFIG_FILE} beside it) and holds no 1000-class ImageNet '
+        'classifier; pass --config=FILE naming the dataset its classifier was trained on.')
+  config = config_lib.get_config()
+  # The model itself is read from the weights; the config names the data and how to evaluate it.
+  config.model = metadata['model'] if metadata.get('model') in model_lib.MODELS else 'densenet121'
+  config.dataset = 'imagenet2012'
+  config.eval_split = 'validation'
+  return config
+
+
+def checkpoint_path(path: str) -> str:
+  """The checkpoint `path` means: a workdir's latest complete checkpoint, or `path` itself."""
+  path = os.path.abspath(path)
+  directory = os.path.join(path, CHECKPOINTS_DIR)
+  if not os.path.isdir(directory):
+    return path
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'{path} is a workdir without any complete checkpoint.')
+  return os.path.join(directory, str(step))
+
+
+def load_variables(path: str) -> dict[str, Any]:
+  """{'params', 'batch_stats'} as numpy arrays from a workdir (its latest checkpoint), one of its checkpoints, or
+  converted weights."""
+  return checkpoints.load_variables(checkpoint_path(path))
+
+
+def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, Any]]:
+  """(model, variables) from a training workdir, one of its checkpoints/<step> directories, or converted weights.
+
+  The architecture comes from the run's config.json or from the converted weights' metadata; the numbers of classes
+  and input channels from the weights. The model computes in float32 without rematerialization (for forward
+  passes) unless `overrides` say otherwise. Raises ValueError if the weights do not fit it.
+  """
+  path = os.path.abspath(path)
+  variables = load_variables(path)
+  options = dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0, **overrides)
+  config_path = find_config(path)
+  if config_path is not None:
+    params = variables['params']
+    model = model_lib.from_config(
+        read_config(config_path), num_classes=_kernel(params['classifier']).shape[-1],
+        input_channels=_kernel(params['stem_conv']).shape[-2], **options)
+  else:
+    model = _model_from_metadata(path, checkpoints.read_metadata(path)).clone(**options)
+  _check_fits(model, variables, path)
+  return model, variables
+
+
+def _kernel(module_params: Mapping[str, Any]) -> Any:
+  return module_params['kernel']
+
+
+def _model_from_metadata(path: str, metadata: Mapping[str, Any]) -> model_lib.DenseNet:
+  if metadata.get('num_classes') is None:
+    raise ValueError(
+        f'{path} holds no classifier (backbone weights) or no metadata; read its variables with '
+        'densenet_jax.training.workdir.load_variables(path).'
+    )
+  if metadata.get('architecture'):
+    architecture = {**metadata['architecture'], 'block_sizes': tuple(metadata['architecture']['block_sizes'])}
+    return model_lib.DenseNet(**architecture, num_classes=metadata['num_classes'])
+  if metadata.get('model') in model_lib.MODELS:
+    return model_lib.create_model(metadata['model'], num_classes=metadata['num_classes'])
+  raise ValueError(f'The metadata of {path} names no architecture: {dict(metadata)}.')
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {name: tuple(np.shape(leaf)) for name, leaf in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def _check_fits(model: model_lib.DenseNet, variables: Mapping[str, Any], path: str) -> None:
+  want, got = _shapes(model_lib.abstract_variables(model)['params']), _shapes(variables['params'])
+  if want != got:
+    wrong = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    details = '; '.join(f'{k}: model {want.get(k)}, checkpoint {got.get(k)}' for k in wrong[:5])
+    raise ValueError(f'The weights at {path} do not fit the recorded architecture ({details}).')
