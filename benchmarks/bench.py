@@ -29,63 +29,19 @@ from collections.abc import Callable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import xla_flags  # noqa: E402
+from densenet_jax import cli  # noqa: E402
 
-xla_flags.set_defaults()  # Before JAX starts: train.py's XLA flags (remat kept on CPU).
+cli.prepare_environment()  # Before JAX starts: train.py's XLA flags (remat kept on CPU).
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
-from densenet_jax.training import optim
-from densenet_jax.training import steps
-from densenet_jax import summary
-
-# XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
-YNNPACK_CONVOLUTIONS = {xla_flags.YNN_FUSION_TYPE: ','.join(xla_flags.YNN_FUSION_TYPES_XLA_DEFAULT)}
-
-
-def environment() -> dict:
-  """The facts every benchmark result records about where it ran."""
-  device = jax.devices()[0]
-  return dict(device=f'{device.platform}: {device.device_kind}', host_cpus=os.cpu_count(),
-              jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
-
-
-def paper_optimizer() -> tuple[optax.Schedule, optax.GradientTransformation]:
-  """The paper's SGD (momentum 0.9, Nesterov, weight decay 1e-4) at learning rate 0.1."""
-  learning_rate_fn = optim.create_learning_rate_fn(0.1, (), 0.1, 1000)
-  return learning_rate_fn, optim.create_optimizer(learning_rate_fn, momentum=0.9, nesterov=True, weight_decay=1e-4)
-
-
-def report(result: dict, json_path: str | None) -> None:
-  """Prints the result object and, with --json, writes it to that file."""
-  print(json.dumps(result, indent=2))
-  if json_path:
-    with open(json_path, 'w') as f:
-      json.dump(result, f, indent=2)
-
-
-def _timed(fn, repeats: int) -> list[float]:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def take_turns(fns: Mapping[str, Callable[[], object]], rounds: int, steps: int = 1) -> dict[str, list[float]]:
-  """Seconds of each call: every round runs each function `steps` times in turn, so that all see the same
-  machine state (this shared machine drifts by more than the differences measured)."""
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      times[name] += _timed(fn, steps)
-  return times
-
+from densenet_jax import summary  # noqa: E402
+from densenet_jax.training import steps  # noqa: E402
 
 class JaxRunner:
   """The library's compiled train and eval steps on one synthetic batch."""
@@ -96,7 +52,7 @@ class JaxRunner:
     images = jnp.asarray(rng.standard_normal((batch, size, size, model.input_channels)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
     self.batch_arrays = {'image': images, 'label': labels, 'mask': jnp.ones((batch,), bool)}
-    learning_rate_fn, tx = paper_optimizer()
+    learning_rate_fn, tx = common.paper_optimizer()
     self.state = jax.jit(functools.partial(
         steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx
     ))(jax.random.key(0))
@@ -136,7 +92,7 @@ class TorchRunner:
   def __init__(self, name: str, model: model_lib.DenseNet, batch: int, size: int, compile_model: bool):
     import torch  # noqa: PLC0415 (optional dependency)
 
-    from densenet_jax import torch_reference  # noqa: PLC0415
+    from benchmarks import torch_reference  # noqa: PLC0415
 
     self.torch = torch
     self.gpu = torch.cuda.is_available()
@@ -200,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
   size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
   result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
-                memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan, **environment())
+                memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan, **common.environment())
   runner = JaxRunner(model, args.batch, size)
   result.update(runner.facts())
   if args.compile_only:
@@ -222,13 +178,13 @@ def run(args: argparse.Namespace) -> dict:
     if reference:
       reference.train()
   contenders = {'jax': runner.train, **({'reference': reference.train} if reference else {})}
-  times = take_turns(contenders, args.rounds, args.steps)
+  times = common.take_turns(contenders, args.rounds, args.steps)
   jax_times, reference_times = times['jax'], times.get('reference')
   result['step_seconds'] = round(statistics.median(jax_times), 4)
   result['images_per_second'] = round(args.batch / statistics.median(jax_times), 2)
   if not args.skip_eval:
     runner.eval()
-    result['eval_images_per_second'] = round(args.batch / statistics.median(_timed(runner.eval, args.steps)), 2)
+    result['eval_images_per_second'] = round(args.batch / statistics.median(common.timed(runner.eval, args.steps)), 2)
   if device.platform != 'cpu':
     stats = device.memory_stats() or {}
     result['peak_bytes'] = stats.get('peak_bytes_in_use')
@@ -242,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.skip_eval:
       reference.eval()
       result['reference']['eval_images_per_second'] = round(
-          args.batch / statistics.median(_timed(reference.eval, args.steps)), 2)
+          args.batch / statistics.median(common.timed(reference.eval, args.steps)), 2)
     result['reference'].update(reference.facts())
     result['speedup_vs_reference'] = round(result['images_per_second'] / reference_rate, 3)
   return result
@@ -269,7 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            '--layers_per_scan); xla_options: the same step compiled with --xla_options')
   parser.add_argument('--xla_options', default=None,
                       help='JSON object of XLA compile options for --reference xla_options, e.g. '
-                           f"'{json.dumps(YNNPACK_CONVOLUTIONS)}' (XLA:CPU's default kernels)")
+                           f"'{json.dumps(common.YNNPACK_CONVOLUTIONS)}' (XLA:CPU's default kernels)")
   parser.add_argument('--torch_compile', action='store_true')
   parser.add_argument('--json', default=None, help='write the result object to this file')
   args = parser.parse_args(argv)
@@ -289,14 +245,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     except json.JSONDecodeError:
       args.xla_options = None
     if not isinstance(args.xla_options, dict):
-      parser.error(f"--xla_options must be a JSON object, e.g. '{json.dumps(YNNPACK_CONVOLUTIONS)}'.")
+      parser.error(f"--xla_options must be a JSON object, e.g. '{json.dumps(common.YNNPACK_CONVOLUTIONS)}'.")
   return args
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
   result = run(args)
-  report(result, args.json)
+  common.report(result, args.json)
   if 'speedup_vs_reference' in result:
     print(f'{args.model} batch {args.batch} {args.dtype}: {result["images_per_second"]} img/s vs '
           f'{result["reference"]["images_per_second"]} img/s, ratio {result["speedup_vs_reference"]}x')

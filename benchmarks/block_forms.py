@@ -30,16 +30,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import xla_flags  # noqa: E402
+from densenet_jax import cli  # noqa: E402
 
-xla_flags.set_defaults()  # Before JAX starts, as in train.py.
+cli.prepare_environment()  # Before JAX starts, as in train.py.
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench  # noqa: E402  (benchmarks/, this script's folder)
+from benchmarks import common  # noqa: E402
 from densenet_jax.model import layers  # noqa: E402
 from densenet_jax import model as model_lib
 
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     compiled[name] = functools.partial(step, *inputs)
     result['forms'][name] = dict(compile_seconds=round(compile_seconds, 2),
                                  temp_bytes=int(step.memory_analysis().temp_size_in_bytes))
-  times = bench.take_turns({name: lambda step=step: jax.block_until_ready(step()) for name, step in compiled.items()},
+  times = common.take_turns({name: lambda step=step: jax.block_until_ready(step()) for name, step in compiled.items()},
                            args.repeats)
   for name, form in result['forms'].items():
     form['seconds'] = round(statistics.median(times[name]), 4)
@@ -208,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  bench.report(run(args), args.json)
+  common.report(run(args), args.json)
 
 
 if __name__ == '__main__':

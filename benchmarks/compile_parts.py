@@ -32,14 +32,14 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import xla_flags  # noqa: E402
+from densenet_jax import cli  # noqa: E402
 
-xla_flags.set_defaults()  # Before JAX starts, as in train.py.
+cli.prepare_environment()  # Before JAX starts, as in train.py.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import bench  # noqa: E402  (benchmarks/, this script's folder)
+from benchmarks import common  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
 from densenet_jax.training import steps
 from densenet_jax import summary
@@ -69,7 +69,7 @@ def kernel_counts(hlo_text: str) -> tuple[int, int]:
 
 def _programs(model: model_lib.DenseNet, batch: int, size: int) -> dict[str, tuple[Callable, tuple]]:
   """Each part as a function and the abstract arguments it is compiled for."""
-  learning_rate_fn, tx = bench.paper_optimizer()
+  learning_rate_fn, tx = common.paper_optimizer()
   state = jax.eval_shape(functools.partial(
       steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx
   ), jax.random.key(0))
@@ -86,8 +86,8 @@ def _programs(model: model_lib.DenseNet, batch: int, size: int) -> dict[str, tup
     return state.apply_gradients(grads=grads)
 
   shapes = [p.shape for p in jax.tree.leaves(state.params)]
-  common = max(set(shapes), key=shapes.count)
-  one_shape = jax.tree.map(lambda p: jax.ShapeDtypeStruct(common, p.dtype), state.params)
+  most_common = max(set(shapes), key=shapes.count)
+  one_shape = jax.tree.map(lambda p: jax.ShapeDtypeStruct(most_common, p.dtype), state.params)
   one_shape_state = jax.eval_shape(functools.partial(steps.TrainState.create, apply_fn=model.apply, tx=tx),
                                    params=one_shape, batch_stats={})
   variables = (state.params, state.batch_stats, images, labels)
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
   result = dict(
       model=args.model, batch=args.batch, image_size=size, memory_efficient=args.memory_efficient,
       layers_per_scan=args.layers_per_scan,
-      **bench.environment(), parameters=len(params), distinct_parameter_shapes=len({p.shape for p in params}),
+      **common.environment(), parameters=len(params), distinct_parameter_shapes=len({p.shape for p in params}),
       parts={},
   )
   for part in args.parts:
@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  bench.report(run(args), args.json)
+  common.report(run(args), args.json)
 
 
 if __name__ == '__main__':

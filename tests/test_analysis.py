@@ -240,10 +240,6 @@ def test_load_model_from_converted_weights(tmp_path):
   np.testing.assert_array_equal(loaded['params']['classifier']['kernel'], variables['params']['classifier']['kernel'])
 
 
-def test_run_config_file_name_is_the_training_loops():
-  assert analysis.RUN_CONFIG_FILE == workdir_lib.CONFIG_FILE
-
-
 def test_figures_have_one_panel_per_block_and_render():
   model = tiny_imagenet_model()
   images = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))

@@ -151,7 +151,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
 def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   # tests/test_train_processes.py sends SIGTERM to train.py and checks the exact resume; here the
   # run sends itself a real SIGINT (Ctrl-C) after its third batch.
-  create_train_iterator = input_pipeline.create_train_iterator
+  create_train_iterator = pipeline.create_train_iterator
 
   def interrupted_after_three_batches(*args, **kwargs):
     for i, batch in enumerate(create_train_iterator(*args, **kwargs)):
@@ -161,7 +161,7 @@ def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
 
   config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=BATCH_SIZE)
   handler = signal.getsignal(signal.SIGINT)
-  with mock.patch.object(input_pipeline, 'create_train_iterator', interrupted_after_three_batches), \
+  with mock.patch.object(pipeline, 'create_train_iterator', interrupted_after_three_batches), \
        caplog.at_level(logging.WARNING):
     final = training.train_and_evaluate(config, str(tmp_path))
   assert final == {'step': 4, 'preempted': 1.0}

@@ -197,7 +197,7 @@ MOCK_EXAMPLES = 64
 @contextlib.contextmanager
 def mock_tfds_dataset(name, image_size=None):
   """TFDS mock data with the real feature specs; the split sizes shrunk to what the mock yields."""
-  real_info = input_pipeline.get_dataset_info
+  real_info = pipeline.get_dataset_info
 
   def small_info(dataset, **kwargs):
     info = real_info(dataset, **kwargs)
@@ -210,7 +210,7 @@ def mock_tfds_dataset(name, image_size=None):
 
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES), \
        mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True), \
-       mock.patch.object(input_pipeline, 'get_dataset_info', small_info), \
+       mock.patch.object(pipeline, 'get_dataset_info', small_info), \
        mock.patch.object(sources, 'SVHN_VALIDATION_PER_CLASS', {'train': 2, 'extra': 2}), \
        mock.patch.object(checkpoints, 'Checkpointer',
                          functools.partial(checkpoints.Checkpointer, asynchronous=False)):

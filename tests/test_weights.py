@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from densenet_jax import model as model_lib
-from densenet_jax import cli
 from densenet_jax import weights
 from densenet_jax.summary import count_params
 from densenet_jax.weights import __main__ as cli

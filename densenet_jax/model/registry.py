@@ -122,8 +122,7 @@ def from_config(config: Any, *, num_classes: int, input_channels: int, **overrid
       kernels=config.get('kernels'),
       dtype=jnp.dtype(config.dtype),
       input_channels=input_channels,
-      **overrides,
-  )
+  ) | overrides
   if config.model == 'cifar_densenet':
     return cifar_densenet(**dict(config.architecture), **options)
   return create_model(config.model, **options)

@@ -1,0 +1,93 @@
+"""Every kernel set computes the same function, and the model package stands on jax, flax and numpy alone."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from densenet_jax import model as model_lib
+from densenet_jax.model import kernels
+
+
+def test_each_backend_gets_xla_ops_unless_a_measurement_on_it_says_otherwise():
+  assert kernels.default_kernels('cpu') == 'cpu'
+  assert kernels.default_kernels('gpu') == 'xla'
+  assert kernels.default_kernels('tpu') == 'xla'
+  assert kernels.resolve('xla') is kernels.XLA
+  with pytest.raises(ValueError, match='Unknown kernels'):
+    kernels.resolve('cuda')
+
+
+@pytest.mark.parametrize('name', ['conv1x1', 'conv3x3'])
+def test_each_convolution_and_its_gradients_agree_across_kernel_sets(name):
+  size = 1 if name == 'conv1x1' else 3
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
+  kernel = jax.random.normal(jax.random.key(1), (size, size, 5, 4))
+  cotangent = jax.random.normal(jax.random.key(2), (2, 6, 6, 4))
+
+  def value_and_grads(conv):
+    out, vjp = jax.vjp(conv, x, kernel)
+    return out, vjp(cotangent)
+
+  expected = value_and_grads(getattr(kernels.XLA, name))
+  got = value_and_grads(getattr(kernels.CPU, name))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
+
+
+def test_the_gradient_barrier_is_the_identity_with_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (3, 4))
+  loss = lambda hook: lambda x: jnp.sum(jnp.sin(hook(x)) * hook(x))
+  np.testing.assert_array_equal(kernels.gradient_barrier(x), x)
+  np.testing.assert_allclose(jax.grad(loss(kernels.gradient_barrier))(x), jax.grad(loss(lambda v: v))(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize('form', [dict(), dict(memory_efficient=True),
+                                  dict(memory_efficient=True, layers_per_scan=2)])
+def test_every_kernel_set_computes_the_same_model(form):
+  # Logits, gradients and running statistics of a DenseNet-BC with dropout, in train and eval mode.
+  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, dropout_rate=0.2, **form)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+
+  def run(kernel_set):
+    net = model.clone(kernels=kernel_set)
+
+    def loss(params):
+      logits, updates = net.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': jax.random.key(2)})
+      return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), (logits, updates['batch_stats'])
+
+    (_, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
+    return logits, stats, grads, net.apply(variables, images)
+
+  expected, got = run('xla'), run('cpu')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, expected)
+
+
+def test_the_model_package_imports_no_tensorflow_optax_or_orbax():
+  code = ('import sys; import densenet_jax.model, densenet_jax.summary; '
+          'bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "optax", "orbax", "torch")); '
+          'print(bad); sys.exit(1 if bad else 0)')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_model_computes_the_same_whatever_xla_flags_hold():
+  # The model reads no environment: a process without the entry points' XLA flags computes the same logits.
+  code = ('import numpy as np, jax; from densenet_jax import model; '
+          'm = model.cifar_densenet(10, 4, bottleneck=True, compression=0.5); x = np.ones((2, 8, 8, 3), np.float32); '
+          'v = m.init(jax.random.key(0), x); print(repr(np.asarray(m.apply(v, x * 0.5)).round(5).tolist()))')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  outputs = []
+  for flags in ('', os.environ.get('XLA_FLAGS', '')):
+    env = {**os.environ, 'XLA_FLAGS': flags}
+    result = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    outputs.append(result.stdout)
+  assert outputs[0] == outputs[1]
