@@ -114,16 +114,16 @@ def create_model(name: str, *, num_classes: int, **overrides) -> DenseNet:
 def from_config(config: Any, *, num_classes: int, input_channels: int, **overrides) -> DenseNet:
   """The DenseNet a training config describes: `config.model` names a registry model, or 'cifar_densenet' with
   `config.architecture` (depth, growth_rate, bottleneck, compression). `overrides` win over the config."""
-  options = dict(
-      num_classes=num_classes,
-      dropout_rate=config.dropout_rate,
-      memory_efficient=config.memory_efficient,
-      layers_per_scan=config.layers_per_scan,
-      kernels=config.get('kernels'),
-      dtype=jnp.dtype(config.dtype),
-      input_channels=input_channels,
+  options = {
+      'num_classes': num_classes,
+      'dropout_rate': config.dropout_rate,
+      'memory_efficient': config.memory_efficient,
+      'layers_per_scan': config.layers_per_scan,
+      'kernels': config.get('kernels'),
+      'dtype': jnp.dtype(config.dtype),
+      'input_channels': input_channels,
       **overrides,
-  )
+  }
   if config.model == 'cifar_densenet':
     return cifar_densenet(**dict(config.architecture), **options)
   return create_model(config.model, **options)
