@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from PIL import Image
+import tensorflow as tf
 
 from densenet_jax import config as config_lib
 from densenet_jax import features, inference
@@ -208,3 +209,27 @@ def test_extracted_features_are_the_forward_pass_intermediates():
   # Backbone weights (no classifier, as converted weights without one): the same features.
   backbone = {**variables, 'params': {k: v for k, v in variables['params'].items() if k != 'classifier'}}
   np.testing.assert_allclose(features.extract_features(model, backbone, images)['pre_logits'], maps['pre_logits'])
+
+
+def test_converted_imagenet_weights_predict_with_imagenet_names_and_preprocessing(tmp_path):
+  """Weights as `python -m densenet_jax.weights convert` writes them (1000 classes, architecture metadata)."""
+  from densenet_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+
+  model = model_lib.DenseNet(block_sizes=(1, 1), growth_rate=4, stem_channels=8, num_classes=1000)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  architecture = dict(block_sizes=[1, 1], growth_rate=4, stem='imagenet', stem_channels=8, bottleneck=True,
+                      compression=0.5, input_channels=3)
+  path = checkpoints.save_variables(str(tmp_path / 'converted'), variables,
+                                    metadata={'num_classes': 1000, 'architecture': architecture})
+  predictor = inference.load_predictor(path)
+  assert predictor.spec.dataset == 'imagenet2012' and predictor.spec.image_shape == (224, 224, 3)
+  photo = str(tmp_path / 'photo.jpg')
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
+  [prediction], errors = inference.predict_files(predictor, [photo], top_k_classes=2)
+  assert errors == [] and len(prediction.top) == 2
+  assert prediction.top[0][1] == predictor.class_names[prediction.top[0][0]] == inference.read_names_file(
+      inference.IMAGENET_NAMES_FILE)[prediction.top[0][0]]
+  # The eval pipeline's ImageNet preprocessing: shorter side 256 (bicubic), center crop 224, normalization.
+  with open(photo, 'rb') as f:
+    expected = pp.imagenet_eval_image(tf.constant(f.read()), 224).numpy()
+  np.testing.assert_array_equal(image_files.read_image(photo, predictor.spec), expected)
