@@ -1,5 +1,6 @@
 """Using trained DenseNets: predict.py on image files, feature extraction, and (test_export.py) export."""
 
+import functools
 import json
 import os
 import subprocess
@@ -141,16 +142,13 @@ def test_predict_script_reports_unreadable_files_and_predicts_the_others(workdir
   assert written['predictions'][0]['top'][0]['name'] == str(expected[0])
 
 
-def test_predict_script_exit_codes(workdir, digit_files):
+def test_predict_script_exits_0_when_every_file_is_read(workdir, digit_files):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   script = os.path.join(REPO, 'predict.py')
   ok = subprocess.run([sys.executable, script, f'--checkpoint={workdir}', digit_files[0]],
                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
   assert ok.returncode == 0, ok.stderr
   assert ok.stdout.splitlines()[0] == digit_files[0] and len(ok.stdout.splitlines()) == 6
-  no_images = subprocess.run([sys.executable, script, f'--checkpoint={workdir}'],
-                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-  assert no_images.returncode == 1 and 'Give one or more image files' in no_images.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,11 +175,11 @@ def test_feature_info_of_every_model(name):
 
 
 def test_extracted_features_are_the_forward_pass_intermediates():
-  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, num_classes=7)
+  model = model_lib.cifar_densenet(10, 4, bottleneck=True, compression=0.5, num_classes=7)
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
-  variables = model.init(jax.random.key(0), images)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
   # Non-trivial running statistics: one train-mode pass.
-  _, updates = model.apply(variables, images * 2 + 1, train=True, mutable=['batch_stats'])
+  _, updates = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(variables, images * 2 + 1)
   variables = {**variables, **updates}
 
   @jax.jit
