@@ -1,4 +1,4 @@
-"""What train.py and evaluate.py share: the process set-up before TensorFlow and JAX start, flags, logging,
+"""What the entry points (train.py, evaluate.py, predict.py) share: the process set-up before TensorFlow and JAX start, flags, logging,
 multi-process start, and the table of failures that end a run with one paragraph and an exit code.
 
 The entry points call `prepare_environment()` first, before anything imports TensorFlow or lets JAX compute.
@@ -95,9 +95,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def start(argv: list[str]) -> None:
-  """The common start of main(): no positional arguments, quiet logs, TF off the GPUs, distributed JAX."""
-  if len(argv) > 1:
+def start(argv: list[str], *, positional: bool = False) -> None:
+  """The common start of main(): no positional arguments (unless `positional`), quiet logs, TF off the GPUs,
+  distributed JAX."""
+  if len(argv) > 1 and not positional:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()
   keep_accelerators_for_jax()

@@ -27,6 +27,23 @@ __all__ = ['DATASET_NAMES', 'DatasetInfo', 'check_batch_size', 'create_eval_iter
            'get_dataset_info']
 
 
+def image_file_normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel on the 0-255 scale of an 8-bit image file: (pixel - mean) / std is what the eval
+  pipeline feeds the model for an image of `dataset`.
+
+  digits: a file's gray level 0..255 stands for the dataset's ink value 0..16 (value = level * 16 / 255), so the
+  dataset's normalization is rescaled by 255 / 16.
+  """
+  _check_dataset(dataset, None, {})
+  if dataset in ('imagenet2012', 'image_folder'):
+    return tuple(255.0 * m for m in pp.IMAGENET_MEAN), tuple(255.0 * s for s in pp.IMAGENET_STD)
+  recipe = arrays.RECIPES[dataset]
+  if recipe.mean is None:
+    raise ValueError(f'{dataset} images are generated, already normalized arrays: there are no image files of it.')
+  scale = 255.0 / pp.DIGITS_MAX_VALUE if dataset == 'digits' else 1.0
+  return tuple(m * scale for m in recipe.mean), tuple(s * scale for s in recipe.std)
+
+
 def _check_dataset(dataset: str, image_size: int | None, synthetic_kwargs: dict) -> None:
   if dataset not in DATASET_NAMES:
     raise ValueError(f'Unknown dataset {dataset!r}; valid names: {", ".join(DATASET_NAMES)}.')
