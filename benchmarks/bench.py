@@ -66,7 +66,7 @@ class JaxRunner:
     self.xla_compile_seconds = time.perf_counter() - lowered_at
     self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
     self.eval_compiled = None  # Compiled when first needed.
-    self.description = f'densenet_jax, memory_efficient={model.memory_efficient}'
+    self.description = f'densenet_jax, memory_efficient={model.memory_efficient}, kernels={model.kernels or "default"}'
     if model.layers_per_scan:
       self.description += f', layers_per_scan={model.layers_per_scan}'
     if xla_options:
@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
   model = model_lib.create_model(
       args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
       dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan,
+      kernels=args.kernels,
   )
   size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
@@ -162,8 +163,12 @@ def run(args: argparse.Namespace) -> dict:
   if args.compile_only:
     return result
   reference = None
-  if args.reference == 'torch':
-    reference = TorchRunner(args.model, model, args.batch, size, args.torch_compile)
+  if args.reference in ('torch', 'torch_memory_efficient'):
+    # PyTorch at its best by default: no checkpointing unless that reference is asked for by name.
+    torch_model = model.clone(memory_efficient=args.reference == 'torch_memory_efficient')
+    reference = TorchRunner(args.model, torch_model, args.batch, size, args.torch_compile)
+  elif args.reference == 'kernels':  # The same model with another kernel set (densenet_jax/model/kernels.py).
+    reference = JaxRunner(model.clone(kernels=args.reference_kernels), args.batch, size)
   elif args.reference == 'plain':  # The cost of memory_efficient=True: the same model without it.
     reference = JaxRunner(model.clone(memory_efficient=False), args.batch, size)
   elif args.reference == 'unrolled':  # What scanning the dense layers costs and saves.
@@ -219,10 +224,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
-  parser.add_argument('--reference', choices=['torch', 'plain', 'unrolled', 'xla_options'], default=None,
-                      help='torch: PyTorch; plain: the same model without memory_efficient (needs '
+  parser.add_argument('--kernels', choices=['xla', 'cpu'], default=None,
+                      help="the model's kernel set (default: the backend's, densenet_jax/model/kernels.py)")
+  parser.add_argument('--reference', default=None,
+                      choices=['torch', 'torch_memory_efficient', 'plain', 'unrolled', 'kernels', 'xla_options'],
+                      help='torch: PyTorch without checkpointing; torch_memory_efficient: PyTorch checkpointing '
+                           'each dense layer; plain: the same model without memory_efficient (needs '
                            '--memory_efficient); unrolled: the same model with layers_per_scan=0 (needs '
-                           '--layers_per_scan); xla_options: the same step compiled with --xla_options')
+                           '--layers_per_scan); kernels: the same model with --reference_kernels; xla_options: '
+                           'the same step compiled with --xla_options')
+  parser.add_argument('--reference_kernels', choices=['xla', 'cpu'], default='xla')
   parser.add_argument('--xla_options', default=None,
                       help='JSON object of XLA compile options for --reference xla_options, e.g. '
                            f"'{json.dumps(common.YNNPACK_CONVOLUTIONS)}' (XLA:CPU's default kernels)")

@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from densenet_jax.model import layers  # noqa: E402
+from densenet_jax.model import dense_layer, densenet, kernels, layers  # noqa: E402
 from densenet_jax import model as model_lib
 
 
@@ -53,12 +53,12 @@ class PlainLayer(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     def norm(name):
       return nn.BatchNorm(
-          use_running_average=False, momentum=model_lib.BATCH_NORM_MOMENTUM, epsilon=model_lib.BATCH_NORM_EPSILON, name=name
+          use_running_average=False, momentum=layers.BATCH_NORM_MOMENTUM, epsilon=layers.BATCH_NORM_EPSILON, name=name
       )
 
-    conv_init = model_lib.conv_kernel_init
+    conv_init = densenet.conv_kernel_init
     x = nn.relu(norm('norm1')(x))
-    x = nn.Conv(model_lib.BOTTLENECK_WIDTH * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
+    x = nn.Conv(dense_layer.BOTTLENECK_WIDTH * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
                 name='conv1')(x)
     x = nn.relu(norm('norm2')(x))
     return nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init,
@@ -116,11 +116,11 @@ class LibraryBufferBlock(_Block):
     channels = x.shape[-1]
     buffer = _preallocate(x, self.num_layers, self.growth_rate)
     batch_moments = [layers.moments(x)]
+    spec = dense_layer.LayerSpec(self.growth_rate, bottleneck=True, dropout_rate=0.0, dtype=jnp.float32,
+                                 kernels=kernels.resolve(None))
     for i in range(self.num_layers):
       read_moments = layers.Moments(*(jnp.concatenate(m) for m in zip(*batch_moments)))
-      new = model_lib.DenseLayer(growth_rate=self.growth_rate, bottleneck=True, name=f'layer{i + 1}')(
-          [buffer[..., :channels]], [read_moments], True
-      )
+      new = model_lib.DenseLayer(spec=spec, name=f'layer{i + 1}')([buffer[..., :channels]], [read_moments], True, None)
       buffer = _write(buffer, new, channels)
       batch_moments.append(layers.moments(new))
       channels += self.growth_rate

@@ -137,3 +137,39 @@ def test_bench_measures_scanned_blocks_against_unrolled_ones():
   assert result['images_per_second'] > 0 and result['reference']['images_per_second'] > 0
   with pytest.raises(SystemExit):
     bench.parse_args([*TINY, '--layers_per_scan', '2'])  # without --memory_efficient
+
+
+@pytest.mark.parametrize('reference, checkpointed', [('torch', False), ('torch_memory_efficient', True)])
+def test_the_pytorch_reference_checkpoints_only_when_asked_by_name(monkeypatch, reference, checkpointed):
+  # PyTorch at its best by default, even against the memory-efficient JAX model.
+  built = []
+
+  class RecordingRunner:
+    def __init__(self, name, model, batch, size, compile_model):
+      built.append(model)
+      raise SystemExit('recorded')
+
+  monkeypatch.setattr(bench, 'TorchRunner', RecordingRunner)
+  with pytest.raises(SystemExit, match='recorded'):
+    bench.run(bench.parse_args([*TINY, '--memory_efficient', '--reference', reference]))
+  assert built[0].memory_efficient is checkpointed
+
+
+def test_bench_compares_kernel_sets(tmp_path):
+  out = tmp_path / 'result.json'
+  bench.main([*TINY, '--kernels', 'cpu', '--reference', 'kernels', '--reference_kernels', 'xla', '--skip_eval',
+              '--json', str(out)])
+  result = json.loads(out.read_text())
+  assert 'kernels=xla' in result['reference']['implementation']
+  assert result['speedup_vs_reference'] > 0
+
+
+def test_the_gpu_script_checks_every_kernel_set_and_form_for_equality():
+  import gpu_check  # noqa: PLC0415  (benchmarks/, on sys.path above)
+
+  deviations = gpu_check.equality(kernel_sets=('xla',))
+  assert set(deviations) == {'xla/unrolled', 'xla/memory_efficient', 'xla/scanned'}
+  for form, parts in deviations.items():
+    assert max(parts.values()) < 1e-3, (form, parts)
+  assert bench.parse_args(['--model', 'densenet121', '--batch', '256', '--dtype', 'bfloat16', '--kernels', 'xla',
+                           '--reference', 'torch', '--torch_compile'])

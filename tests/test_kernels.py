@@ -38,11 +38,19 @@ def test_each_convolution_and_its_gradients_agree_across_kernel_sets(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
 
 
-def test_the_gradient_barrier_is_the_identity_with_its_gradient():
+def test_the_gradient_barrier_is_the_identity_with_its_gradient_kept_whole():
   x = jax.random.normal(jax.random.key(0), (3, 4))
   loss = lambda hook: lambda x: jnp.sum(jnp.sin(hook(x)) * hook(x))
   np.testing.assert_array_equal(kernels.gradient_barrier(x), x)
   np.testing.assert_allclose(jax.grad(loss(kernels.gradient_barrier))(x), jax.grad(loss(lambda v: v))(x), rtol=1e-6)
+  # The barrier sits on the gradient, where XLA:CPU would otherwise fuse its sum into every consumer.
+  assert 'optimization_barrier' in str(jax.make_jaxpr(jax.grad(loss(kernels.gradient_barrier)))(x))
+  assert 'optimization_barrier' not in str(jax.make_jaxpr(loss(kernels.gradient_barrier))(x))
+
+
+def test_the_matmul_convolution_refuses_other_kernels():
+  with pytest.raises(ValueError, match=r'\(1, 1, in, out\) kernel'):
+    kernels.matmul_conv1x1(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
 
 
 @pytest.mark.parametrize('form', [dict(), dict(memory_efficient=True),

@@ -1,7 +1,5 @@
 """The fast primitives compute exactly what flax.linen.BatchNorm + ReLU and flax.linen.Conv compute."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,15 +15,34 @@ def feature_maps(sizes=(5, 3, 3), seed=0):
   return [2.0 + (i + 1) * jax.random.normal(k, (4, 6, 6, c)) for i, (k, c) in enumerate(zip(keys, sizes))]
 
 
-class Reference(nn.BatchNorm):
+class Reference(nn.Module):
   """The textbook version: concatenate, nn.BatchNorm, ReLU."""
 
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-
+  @nn.compact
   def __call__(self, features, train):
     x = jnp.concatenate(features, axis=-1)
-    return nn.relu(super().__call__(x, use_running_average=not train))
+    return nn.relu(nn.BatchNorm(momentum=0.9, epsilon=1e-5, name='norm')(x, use_running_average=not train))
+
+
+class Fast(nn.Module):
+  """layers.BatchNorm's variables and layers.batch_norm_relu, as the model uses them."""
+
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, train, batch_moments=None):
+    norm = layers.BatchNorm(sum(f.shape[-1] for f in features), name='norm')
+    return layers.batch_norm_relu(norm, features, train, epsilon=self.epsilon, dtype=self.dtype,
+                                  batch_moments=batch_moments)
+
+
+def unbiased_running(variables, features):
+  """The running statistics flax's BatchNorm would keep with the unbiased batch variance (PyTorch's rule)."""
+  x = np.concatenate([np.asarray(f, np.float64) for f in features], axis=-1).reshape(-1, sum(f.shape[-1] for f in features))
+  stats = variables['batch_stats']['norm']
+  return {'mean': 0.9 * np.asarray(stats['mean']) + 0.1 * x.mean(0),
+          'var': 0.9 * np.asarray(stats['var']) + 0.1 * x.var(0, ddof=1)}
 
 
 def randomized(variables, seed=1):
@@ -40,7 +57,7 @@ def randomized(variables, seed=1):
 @pytest.mark.parametrize('given_moments', [True, False])
 def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
   features = feature_maps()
-  fast, reference = layers.BatchNormReLU(), Reference()
+  fast, reference = Fast(), Reference()
   variables = randomized(reference.init(jax.random.key(0), features, False))
   # Same variable tree: checkpoints and converted weights load into either.
   assert jax.tree.structure(variables) == jax.tree.structure(fast.init(jax.random.key(0), features, False))
@@ -56,9 +73,13 @@ def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
   expected, expected_updates = run(reference, variables['params'], features)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   assert np.mean(np.asarray(out) > 0) > 0.2  # The ReLU does not hide everything.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), updates, expected_updates)
-  if train:  # The running statistics moved.
-    assert not np.allclose(updates['batch_stats']['mean'], variables['batch_stats']['mean'])
+  if train:  # The running statistics moved, the variance by the unbiased batch variance (as in PyTorch).
+    want = unbiased_running(variables, features)
+    for name in ('mean', 'var'):
+      np.testing.assert_allclose(updates['batch_stats']['norm'][name], want[name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(updates['batch_stats']['norm']['mean'], variables['batch_stats']['norm']['mean'])
+  else:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), updates, expected_updates)
 
   cotangent = jax.random.normal(jax.random.key(3), out.shape)
   if moments is None:
@@ -72,7 +93,7 @@ def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
 def test_shared_moments_give_the_same_gradients_as_recomputed_ones():
   # A dense block passes the moments it computed once; gradients must flow through them the same.
   features = feature_maps()
-  module = layers.BatchNormReLU()
+  module = Fast()
   variables = randomized(module.init(jax.random.key(0), features, False))
   cotangent = jax.random.normal(jax.random.key(3), (4, 6, 6, 11))
 
@@ -93,9 +114,9 @@ def test_gradients_stay_accurate_when_the_mean_dwarfs_the_spread():
   x = 100.0 + rng.standard_normal((8, 8, 8, 4))
   cotangent = rng.standard_normal(x.shape)
   scale, bias, epsilon = 1.0 + rng.random(4), 0.5 * rng.standard_normal(4), 1e-5
-  module = layers.BatchNormReLU(epsilon=epsilon)
-  variables = {'params': {'scale': jnp.asarray(scale, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)},
-               'batch_stats': {'mean': jnp.zeros(4), 'var': jnp.ones(4)}}
+  module = Fast(epsilon=epsilon)
+  variables = {'params': {'norm': {'scale': jnp.asarray(scale, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)}},
+               'batch_stats': {'norm': {'mean': jnp.zeros(4), 'var': jnp.ones(4)}}}
 
   def loss(x):
     out, _ = module.apply(variables, [x], True, batch_moments=[layers.moments(x)], mutable=['batch_stats'])
@@ -114,7 +135,7 @@ def test_gradients_stay_accurate_when_the_mean_dwarfs_the_spread():
 
 def test_batch_norm_relu_in_bfloat16_normalizes_in_float32():
   features = [f.astype(jnp.bfloat16) for f in feature_maps()]
-  module = layers.BatchNormReLU(dtype=jnp.bfloat16)
+  module = Fast(dtype=jnp.bfloat16)
   variables = module.init(jax.random.key(0), features, False)
   out, _ = module.apply(variables, features, True, mutable=['batch_stats'])
   assert out.dtype == jnp.bfloat16
@@ -123,54 +144,18 @@ def test_batch_norm_relu_in_bfloat16_normalizes_in_float32():
   np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_pointwise_conv_matches_flax_conv():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
-  conv = nn.Conv(4, (1, 1), padding=((0, 0), (0, 0)), use_bias=False)
-  fast = conv.clone(conv_general_dilated=layers.pointwise_conv)
-  params = conv.init(jax.random.key(1), x)
-  np.testing.assert_allclose(fast.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-6)
-
-  def loss(module, params, x):
-    return jnp.sum(jnp.sin(module.apply(params, x)))
-
-  grads = jax.grad(loss, argnums=(1, 2))(fast, params, x)
-  expected = jax.grad(loss, argnums=(1, 2))(conv, params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, expected)
-
-
-def test_pointwise_conv_refuses_other_convolutions():
-  x = jnp.zeros((1, 4, 4, 3))
-  strided = nn.Conv(2, (1, 1), strides=(2, 2), padding=((0, 0), (0, 0)), conv_general_dilated=layers.pointwise_conv)
-  with pytest.raises(ValueError, match='only 1x1 convolutions with stride 1'):
-    strided.init(jax.random.key(0), x)
-
-
-def test_gradient_barrier_is_the_identity_with_its_gradient_kept_whole():
-  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
-
-  def loss(x, barrier):
-    y = layers.gradient_barrier(x) if barrier else x
-    return jnp.sum(jnp.sin(y) * 3.0) + jnp.sum(y ** 2)
-
-  np.testing.assert_array_equal(layers.gradient_barrier(x), x)
-  np.testing.assert_allclose(jax.grad(loss)(x, True), jax.grad(loss)(x, False), rtol=1e-6)
-  # The barrier sits on the gradient, where XLA would otherwise fuse its sum into every consumer.
-  with_barrier = functools.partial(loss, barrier=True)
-  assert 'optimization_barrier' in str(jax.make_jaxpr(jax.grad(with_barrier))(x))
-  assert 'optimization_barrier' not in str(jax.make_jaxpr(with_barrier)(x))
-
-
-def test_conv3x3_matches_flax_conv_with_its_gradients():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7))
-  conv = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
-  params = conv.init(jax.random.key(1), x)
-  kernel = params['params']['kernel']
-  np.testing.assert_allclose(layers.conv3x3(x, kernel), conv.apply(params, x), rtol=1e-5, atol=1e-5)
-
-  def loss(fn, x, kernel):
-    return jnp.sum(jnp.sin(fn(x, kernel)))
-
-  got = jax.grad(functools.partial(loss, layers.conv3x3), argnums=(0, 1))(x, kernel)
-  expected = jax.grad(functools.partial(loss, lambda x, k: conv.apply({'params': {'kernel': k}}, x)),
-                      argnums=(0, 1))(x, kernel)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
+def test_running_variance_follows_pytorch_batch_norm():
+  # An independent implementation: torch.nn.BatchNorm2d in training mode, momentum 0.1, three batches.
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  batches = [3.0 + 2.0 * rng.standard_normal((4, 5, 5, 6)).astype(np.float32) for _ in range(3)]
+  reference = torch.nn.BatchNorm2d(6, eps=1e-5, momentum=0.1).train()
+  module = Fast()
+  variables = module.init(jax.random.key(0), [jnp.asarray(batches[0])], False)
+  for x in batches:
+    reference(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    _, updates = module.apply(variables, [jnp.asarray(x)], True, mutable=['batch_stats'])
+    variables = {**variables, **updates}
+  stats = variables['batch_stats']['norm']
+  np.testing.assert_allclose(stats['mean'], reference.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], reference.running_var.numpy(), rtol=1e-5, atol=1e-6)

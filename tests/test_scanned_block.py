@@ -1,5 +1,7 @@
 """Scanned dense blocks (layers_per_scan > 0) compute exactly the unrolled model, with less memory."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from densenet_jax import memory
 from densenet_jax import model as model_lib
-from densenet_jax.model import scanned_block
+from densenet_jax.model import dense_layer, kernels, scanned_block
 
 
 def tiny_model(bottleneck=True, **overrides):
@@ -69,22 +71,23 @@ def test_scanned_blocks_compute_the_unrolled_model(bottleneck, layers_per_scan):
 def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
   # With dropout: the masks of a scanned block are its own, so the check is against JAX's own
   # differentiation of the scanned forward pass (same masks), not against the unrolled block.
-  spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, growth_rate=3, bottleneck=bottleneck,
-                                 layers_per_scan=2, dropout_rate=0.3, epsilon=1e-5, dtype=jnp.float32)
+  layer = dense_layer.LayerSpec(growth_rate=3, bottleneck=bottleneck, dropout_rate=0.3, dtype=jnp.float32,
+                                kernels=kernels.resolve(None))
+  spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, layers_per_scan=2, layer=layer)
   x = 1.0 + jax.random.normal(jax.random.key(0), (4, 6, 6, spec.input_channels))
   block = model_lib.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
   params = randomized(block.init(jax.random.key(1), x, train=False)['params'], seed=3)
   params = [params[f'layer{i + 1}'] for i in range(spec.num_layers)]
-  key = jax.random.key(4)
+  keys = list(jax.random.split(jax.random.key(4), spec.num_layers))
   weights = jax.random.normal(jax.random.key(5), (4, 6, 6, spec.output_channels))
 
   def by_hand(x, params):
-    output, _ = scanned_block.train(spec, x, params, key)
+    output, _ = scanned_block.train(spec, x, params, keys)
     return jnp.sum(output * weights)
 
   def by_autodiff(x, params):
     groups = scanned_block.stack_groups(spec, params)
-    output, _, _ = scanned_block._forward(spec, x, groups, scanned_block._group_keys(spec, key), None)
+    output, _, _ = scanned_block._forward(spec, x, groups, scanned_block._group_keys(spec, keys), None)
     return jnp.sum(output * weights)
 
   got = jax.jit(jax.value_and_grad(by_hand, argnums=(0, 1)))(x, params)
@@ -92,8 +95,9 @@ def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
   # Dropout is on: the output differs from the same block without it.
-  no_dropout = scanned_block.BlockSpec(**{**spec.__dict__, 'dropout_rate': 0.0})
-  assert not np.allclose(scanned_block.train(spec, x, params, key)[0], scanned_block.train(no_dropout, x, params)[0])
+  no_dropout = dataclasses.replace(spec, layer=dataclasses.replace(layer, dropout_rate=0.0))
+  assert not np.allclose(scanned_block.train(spec, x, params, keys)[0],
+                         scanned_block.train(no_dropout, x, params, [None] * spec.num_layers)[0])
 
 
 def test_scanned_blocks_keep_less_than_the_plain_model():

@@ -313,6 +313,19 @@ def test_safetensors_round_trip_through_the_command_line(tmp_path):
   assert result.returncode == 1 and 'already exists' in result.stderr
 
 
+def test_convert_file_returns_the_model_with_its_variables(tmp_path):
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, num_classes=7)
+  variables = random_variables(model)
+  source = tmp_path / 'model.safetensors'
+  safetensors_numpy.save_file(weights.to_torch_state_dict(variables), str(source))
+  converted = weights.convert_file(source)  # architecture and classes inferred from the file
+  assert converted.model == model and converted.name is None and converted.framework == 'torch'
+  assert_trees_equal(converted.variables, variables)
+  named = weights.convert_file(source, model)
+  assert named.model == model
+
+
 @needs_torch
 def test_pth_round_trip_with_old_style_keys(tmp_path):
   model = model_lib.create_model('densenet121', num_classes=1000)

@@ -16,6 +16,8 @@ tree of `densenet_jax.model.DenseNet` (docs/models.md), ready for `model.apply(v
     from_keras(source, model=None, *, epsilon=1.001e-5) -> variables
         source: a Keras applications DenseNet121/169/201 model, or {'layer/weight': array}.
         Keras BN epsilon (1.001e-5) is folded into the running variance: var + 1.001e-5 - 1e-5.
+    convert_file(path, model=None) -> ConvertedWeights(name, model, variables, framework)
+        The DenseNet a weight file holds (registry name when it is one) with its variables.
     load_weights_file(path, model=None) -> variables
         .pth/.pt/.bin (needs torch), .safetensors (needs safetensors), .h5/.keras (needs h5py; Keras 3 files keras).
     read_state_dict(path) -> {name: np.ndarray};  read_keras_file(path) -> ({'layer/weight': array}, epsilons)
@@ -53,6 +55,8 @@ from densenet_jax.weights.convert import (
 )
 from densenet_jax.weights.readers import (
     SUPPORTED_FORMATS,
+    ConvertedWeights,
+    convert_file,
     WeightFileError,
     load_weights_file,
     read_keras_file,
@@ -62,9 +66,11 @@ from densenet_jax.weights.readers import (
 
 __all__ = [
     'KERAS_BN_EPSILON',
+    'ConvertedWeights',
     'SUPPORTED_FORMATS',
     'WeightFileError',
     'WeightMismatchError',
+    'convert_file',
     'from_keras',
     'from_torch_state_dict',
     'infer_model',

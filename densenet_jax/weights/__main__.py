@@ -29,20 +29,11 @@ def _architecture(model: model_lib.DenseNet) -> dict:
 def run_convert(args) -> None:
   if os.path.exists(args.output) and not args.overwrite:  # before the (slow) conversion
     raise FileExistsError(f'{os.path.abspath(args.output)} already exists; pass --overwrite to replace it.')
-  framework, weights, epsilons = readers.read_weights(args.source)
+  converted = readers.convert_file(args.source, args.model)
+  name, model, variables, framework = converted.name, converted.model, converted.variables, converted.framework
   label = os.path.basename(args.source)
-  name, model = args.model, None
-  if name is None:  # infer, then check every array against the inferred model
-    name, model = convert.infer_model(weights, framework)
-  target = name or model
-  if framework == 'keras':
-    variables = convert.from_keras(weights, target, epsilon=epsilons, source_label=label)
-  else:
-    variables = convert.from_torch_state_dict(weights, target, source_label=label)
   classifier = variables['params'].get('classifier')
   num_classes = None if classifier is None else int(classifier['kernel'].shape[-1])
-  if model is None:
-    model = model_lib.MODELS[name]() if num_classes is None else model_lib.create_model(name, num_classes=num_classes)
   metadata = dict(model=name, num_classes=num_classes, architecture=_architecture(model),
                   source=os.path.abspath(args.source), source_framework=framework)
   path = checkpoints.save_variables(args.output, variables, metadata=metadata, overwrite=args.overwrite)

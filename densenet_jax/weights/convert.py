@@ -36,11 +36,11 @@ from flax import traverse_util
 from densenet_jax import model as model_lib
 from densenet_jax.model import registry
 from densenet_jax.model.registry import WeightMismatchError
+from densenet_jax.weights import formats
+from densenet_jax.weights.formats import KERAS_BN_EPSILON, Path
 
-KERAS_BN_EPSILON = 1.001e-5
 
 Variables = dict[str, dict[str, Any]]
-Path = tuple[str, ...]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -94,119 +94,10 @@ def _set(tree: dict, path: Path, value) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Source naming conventions.
-
-
-class _Format:
-  """How one framework names and lays out each Flax leaf."""
-
-  framework: str
-  layer_pattern: re.Pattern  # matches the keys of a dense layer; groups: block, layer (framework numbering)
-  block_offset: int  # framework block number - Flax block number
-
-  def key(self, path: Path) -> str:
-    raise NotImplementedError
-
-  def source_shape(self, path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape
-
-  def to_flax(self, path: Path, array: np.ndarray) -> np.ndarray:
-    return array
-
-  def flax_shape(self, path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape
-
-  def check(self, model: model_lib.DenseNet) -> None:
-    """Raises if this naming cannot describe `model`."""
-
-  def classifier_keys(self) -> tuple[str, str]:
-    return self.key(('classifier', 'kernel')), self.key(('classifier', 'bias'))
-
-  def num_classes(self, source: Mapping[str, np.ndarray]) -> int | None:
-    kernel = source.get(self.key(('classifier', 'kernel')))
-    if kernel is None or np.ndim(kernel) != 2:
-      return None
-    return self.flax_shape(('classifier', 'kernel'), tuple(kernel.shape))[1]
-
-
-class _TorchFormat(_Format):
-  framework = 'PyTorch'
-  layer_pattern = re.compile(r'^features\.denseblock(\d+)\.denselayer(\d+)\.')
-  block_offset = 0
-  _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
-  _TOP = {'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0', 'final_norm': 'features.norm5',
-          'classifier': 'classifier'}
-
-  def key(self, path: Path) -> str:
-    top, *rest, leaf = path
-    if top in self._TOP:
-      module = self._TOP[top]
-    elif top.startswith('block'):
-      module = f'features.dense{top}.dense{rest[0]}.{rest[1]}'  # block3/layer5/conv1
-    else:
-      module = f'features.{top}.{rest[0]}'  # transition2/norm
-    return f'{module}.{self._LEAVES[leaf]}'
-
-  # PyTorch convs are (out, in, kh, kw), Linear weights (out, in); Flax uses (kh, kw, in, out) and (in, out).
-  def source_shape(self, path, shape):
-    if len(shape) == 4:
-      return (shape[3], shape[2], shape[0], shape[1])
-    return tuple(reversed(shape))
-
-  def flax_shape(self, path, shape):
-    if len(shape) == 4:
-      return (shape[2], shape[3], shape[1], shape[0])
-    return tuple(reversed(shape))
-
-  def to_flax(self, path, array):
-    if array.ndim == 4:
-      return np.transpose(array, (2, 3, 1, 0))
-    return array.T if array.ndim == 2 else array
-
-
-class _KerasFormat(_Format):
-  framework = 'Keras'
-  layer_pattern = re.compile(r'^conv(\d+)_block(\d+)_')
-  block_offset = 1
-  _LEAVES = {'kernel': 'kernel', 'scale': 'gamma', 'mean': 'moving_mean', 'var': 'moving_variance'}
-  _TOP = {'stem_conv': 'conv1_conv', 'stem_norm': 'conv1_bn', 'final_norm': 'bn', 'classifier': 'predictions'}
-  _LAYER = {'norm1': '0_bn', 'conv1': '1_conv', 'norm2': '1_bn', 'conv2': '2_conv'}
-
-  def __init__(self, epsilons: Mapping[str, float] | None = None, default_epsilon: float = KERAS_BN_EPSILON):
-    self.epsilons = dict(epsilons or {})  # per BN layer name
-    self.default_epsilon = default_epsilon
-
-  def check(self, model: model_lib.DenseNet) -> None:
-    if not model.bottleneck or model.stem != 'imagenet':
-      raise ValueError('Keras applications only has ImageNet DenseNet-BC models; there is no Keras naming for a '
-                       f'DenseNet with {model_lib.describe(model)}.')
-
-  def layer(self, module: Path) -> str:
-    top, *rest = module
-    if top in self._TOP:
-      return self._TOP[top]
-    number = int(re.fullmatch(r'[a-z]+(\d+)', top)[1]) + self.block_offset
-    if top.startswith('block'):
-      return f'conv{number}_{rest[0].replace("layer", "block")}_{self._LAYER[rest[1]]}'
-    return f'pool{number}_{"bn" if rest[0] == "norm" else rest[0]}'
-
-  def key(self, path: Path) -> str:
-    leaf = path[-1]
-    name = ('bias' if path[0] == 'classifier' else 'beta') if leaf == 'bias' else self._LEAVES[leaf]
-    return f'{self.layer(path[:-1])}/{name}'
-
-  def to_flax(self, path, array):
-    if path[-1] != 'var':
-      return array
-    epsilon = self.epsilons.get(self.layer(path[:-1]), self.default_epsilon)
-    return np.asarray(array, np.float64) + (epsilon - model_lib.BATCH_NORM_EPSILON)
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Which DenseNet a file holds.
 
 
-def _infer(source: Mapping[str, np.ndarray], fmt: _Format) -> tuple[str | None, model_lib.DenseNet] | None:
+def _infer(source: Mapping[str, np.ndarray], fmt: formats.Format) -> tuple[str | None, model_lib.DenseNet] | None:
   """(registry name or None, DenseNet) for the architecture the keys and shapes describe, or None."""
   def shape(*path):
     array = source.get(fmt.key(path))
@@ -288,7 +179,7 @@ def _mismatch_message(source_label, label, net, fmt, source, missing, unexpected
   message = '\n'.join(lines)
   if mismatched:
     message += registry.format_keys('shape mismatches', [f'{k} {got} vs {want}' for k, got, want in mismatched])
-  message += registry.format_keys('missing keys', missing) + model_lib.format_keys('unexpected keys', unexpected)
+  message += registry.format_keys('missing keys', missing) + registry.format_keys('unexpected keys', unexpected)
   found = _infer(source, fmt)
   if found is not None:
     name, net = found
@@ -296,7 +187,7 @@ def _mismatch_message(source_label, label, net, fmt, source, missing, unexpected
   return message
 
 
-def convert(source: Mapping[str, np.ndarray], model, fmt: _Format, source_label: str) -> Variables:
+def convert(source: Mapping[str, np.ndarray], model, fmt: formats.Format, source_label: str) -> Variables:
   """Flax variables of `model` (name, DenseNet or None) from `source`, a flat {key: array} dict."""
   net, label = _resolve_model(model, source, fmt)
   fmt.check(net)
@@ -377,12 +268,12 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: str | model_lib.
   Raises WeightMismatchError naming the first mismatching key with both shapes and listing missing and
   unexpected keys.
   """
-  return convert(normalize_torch_keys(state_dict), model, _TorchFormat(), source_label)
+  return convert(normalize_torch_keys(state_dict), model, formats.TorchFormat(), source_label)
 
 
 def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The inverse: torchvision-named numpy arrays (without `num_batches_tracked`) in network order."""
-  fmt = _TorchFormat()
+  fmt = formats.TorchFormat()
   out = []
   for collection in ('params', 'batch_stats'):
     for path, leaf in traverse_util.flatten_dict(flax.core.unfreeze(variables.get(collection, {}))).items():
@@ -400,7 +291,7 @@ def infer_model(source: Mapping[str, Any], framework: str = 'torch') -> tuple[st
 
   Raises ValueError when the keys do not look like a DenseNet.
   """
-  fmt = {'torch': _TorchFormat, 'keras': _KerasFormat}[framework]()
+  fmt = {'torch': formats.TorchFormat, 'keras': formats.KerasFormat}[framework]()
   if framework == 'torch':
     source = normalize_torch_keys(source)
   found = _infer(source, fmt)
@@ -470,4 +361,4 @@ def from_keras(source, model: str | model_lib.DenseNet | None = None, *,
     source, epsilons = keras_model_weights(source)
   source_label = source_label or 'the weights dict'
   source = {key: np.asarray(value) for key, value in source.items()}
-  return convert(source, model, _KerasFormat(epsilons, float(default)), source_label)
+  return convert(source, model, formats.KerasFormat(epsilons, float(default)), source_label)

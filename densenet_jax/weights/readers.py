@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -220,11 +221,38 @@ def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], d
   return 'torch', read_state_dict(path), {}
 
 
-def load_weights_file(path: str | os.PathLike, model: str | model_lib.DenseNet | None = None) -> convert.Variables:
-  """Flax variables {'params', 'batch_stats'} from any supported weight file (see from_torch_state_dict for
-  `model`: a registry name, a DenseNet, or None to infer the architecture from the file)."""
+@dataclasses.dataclass(frozen=True)
+class ConvertedWeights:
+  """A weight file converted: the DenseNet it holds (registry name when it is one) and its Flax variables."""
+
+  name: str | None
+  model: model_lib.DenseNet
+  variables: convert.Variables
+  framework: str  # 'torch' or 'keras'
+
+
+def convert_file(path: str | os.PathLike, model: str | model_lib.DenseNet | None = None) -> ConvertedWeights:
+  """The model and its Flax variables {'params', 'batch_stats'} from any supported weight file. `model`: a registry
+  name, a DenseNet, or None to infer the architecture from the file (every array is then checked against it)."""
   framework, weights, epsilons = read_weights(path)
   label = os.path.basename(os.fspath(path))
+  name, net = (model, None) if isinstance(model, str) else (None, model)
+  if model is None:
+    name, net = convert.infer_model(weights, framework)
+  target = name or net
   if framework == 'keras':
-    return convert.from_keras(weights, model, epsilon=epsilons, source_label=label)
-  return convert.from_torch_state_dict(weights, model, source_label=label)
+    variables = convert.from_keras(weights, target, epsilon=epsilons, source_label=label)
+  else:
+    variables = convert.from_torch_state_dict(weights, target, source_label=label)
+  classifier = variables['params'].get('classifier')
+  num_classes = None if classifier is None else int(classifier['kernel'].shape[-1])
+  if net is None:
+    net = model_lib.MODELS[name]() if num_classes is None else model_lib.create_model(name, num_classes=num_classes)
+  elif num_classes is not None and net.num_classes != num_classes:
+    net = net.clone(num_classes=num_classes)
+  return ConvertedWeights(name, net, variables, framework)
+
+
+def load_weights_file(path: str | os.PathLike, model: str | model_lib.DenseNet | None = None) -> convert.Variables:
+  """Flax variables {'params', 'batch_stats'} from any supported weight file (convert_file without the model)."""
+  return convert_file(path, model).variables
