@@ -168,3 +168,28 @@ def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   assert 'Received SIGINT' in caplog.text
   assert _complete_steps(tmp_path) == [4]
   assert signal.getsignal(signal.SIGINT) is handler  # given back after the run
+
+
+def _all_checkpointed_values_finite(workdir):
+  for step in _complete_steps(workdir):
+    variables = checkpoints.load_variables(str(workdir / 'checkpoints' / str(step)))
+    if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(variables)):
+      return False
+  return True
+
+
+def test_a_diverging_run_never_checkpoints_a_non_finite_state(tmp_path):
+  # One step per epoch, so every step is checkpointed unless the guard stops it; lr=1e6 overflows the weights.
+  config = tiny_config(num_epochs=4, lr_boundaries_epochs=(), batch_size=1024, learning_rate=1e6,
+                       eval_every_epochs=100)
+  with pytest.raises(training.TrainingDiverged) as error:
+    training.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  bad_step = int(message.split('at step ')[1].split()[0])
+  saved = _complete_steps(tmp_path)
+  assert all(step < bad_step for step in saved)
+  assert _all_checkpointed_values_finite(tmp_path)
+  if saved:
+    assert f'step {saved[-1]}; no checkpoint was written after it' in message
+  else:
+    assert 'No checkpoint was written' in message

@@ -155,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif config.init_from:
     state = _init_from(state, config.init_from, model, init_rng, state_sharding)
   start_step = int(jax.device_get(state.step))
+  last_saved = checkpointer.latest_step()
 
   compiled_train_step = jax.jit(
       functools.partial(
@@ -196,9 +197,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             epoch_end and epoch % config.checkpoint_every_epochs == 0
         )
 
-        # Metrics are fetched (and checked for NaN) before anything is evaluated or saved.
+        # Metrics are fetched and checked before anything is evaluated or saved: a non-finite state is never
+        # checkpointed.
         if save or epoch_end or step % config.log_every_steps == 0:
-          summary = _summarize_train_metrics(pending, step, steps_per_epoch)
+          summary = _summarize_train_metrics(pending, step, steps_per_epoch, last_saved)
           summary['images_per_second'] = throughput.images_per_second(len(pending) * config.batch_size)
           pending = []
           writer.write(step, step / steps_per_epoch, summary)
@@ -214,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         if save:
           checkpointer.save(step, state)
+          last_saved = step
         if preempted:
           logging.warning('Stopped at step %d; run the same command again to resume.', step)
           return {'step': step, 'preempted': 1.0}
@@ -239,14 +242,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {'step': total_steps, **final}
 
 
-def _summarize_train_metrics(pending, step: int, steps_per_epoch: int) -> dict[str, float]:
+def _summarize_train_metrics(pending, step: int, steps_per_epoch: int, last_saved: int | None) -> dict[str, float]:
+  """Means of the pending steps' metrics; raises TrainingDiverged if one of them left a non-finite state."""
   fetched = jax.device_get(pending)
   if not all(bool(m['finite']) for m in fetched):
     first_bad = step - len(fetched) + 1 + [bool(m['finite']) for m in fetched].index(False)
+    kept = (f'The last checkpoint is the one of step {last_saved}; no checkpoint was written after it.'
+            if last_saved is not None else 'No checkpoint was written.')
     raise TrainingDiverged(
-        f'The training loss became NaN or infinite at step {first_bad} (epoch '
-        f'{first_bad / steps_per_epoch:.2f}). No checkpoint was written after it; lower the learning '
-        'rate or check the data, then resume from the last checkpoint.'
+        f'The loss or the trained weights became NaN or infinite at step {first_bad} (epoch '
+        f'{first_bad / steps_per_epoch:.2f}). {kept} Lower the learning rate or check the data, then resume '
+        'from the last checkpoint.'
     )
   keys = ('train_loss', 'train_accuracy')
   summary = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
