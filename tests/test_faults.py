@@ -6,6 +6,7 @@ docs/faults.md lists every failure with what the program does and what the user 
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,41 @@ def test_a_diverging_run_never_checkpoints_a_non_finite_state(tmp_path):
     assert f'step {saved[-1]}; no checkpoint was written after it' in message
   else:
     assert 'No checkpoint was written' in message
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """An uninterrupted two-epoch run (checkpoints at the end of each epoch); tests work on copies of it."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  config = tiny_config(num_epochs=2, lr_boundaries_epochs=(1,), batch_size=BATCH_SIZE, log_every_steps=3)
+  final = training.train_and_evaluate(config, str(workdir))
+  return config, workdir, final
+
+
+def _copy(run, tmp_path):
+  config, workdir, final = run
+  shutil.copytree(workdir, tmp_path / 'run')
+  return config, tmp_path / 'run', final
+
+
+def _logged_steps(workdir, key):
+  return [r['step'] for r in reporting.read_metrics(str(workdir)) if key in r]
+
+
+def test_a_resumed_run_logs_each_step_once_and_in_order(finished_run, tmp_path):
+  config, workdir, _ = _copy(finished_run, tmp_path)
+  expected = reporting.read_metrics(str(workdir))
+  # As if killed before the last checkpoint was complete, after logging the steps that followed the first one.
+  shutil.rmtree(workdir / 'checkpoints' / str(2 * STEPS_PER_EPOCH))
+  for sidecar in (workdir / 'checkpoints').glob(f'{2 * STEPS_PER_EPOCH}.*'):
+    sidecar.unlink()
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 23, "epoch": 2.1, "train_lo')  # a line cut short by the kill
+  training.train_and_evaluate(config, str(workdir))
+  training.train_and_evaluate(config, str(workdir))  # a rerun of the finished run logs nothing new
+  for key in ('train_loss', 'eval_loss'):
+    steps = _logged_steps(workdir, key)
+    assert steps == sorted(set(steps)) == [r['step'] for r in expected if key in r]
+  resumed = reporting.read_metrics(str(workdir))
+  assert [r['train_loss'] for r in resumed if 'train_loss' in r] == [
+      r['train_loss'] for r in expected if 'train_loss' in r]

@@ -177,68 +177,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       **_iterator_kwargs(config),
   )
 
+  if jax.process_index() == 0:
+    reporting.cut_metrics_back(workdir, start_step)
   writer = reporting.MetricWriter(workdir)
   progress = reporting.Progress(total_steps, start_step, enabled=config.progress_bar)
   throughput = reporting.Throughput()
   pending: list[dict[str, jax.Array]] = []
   best_accuracy = -1.0
   final: dict[str, float] = {}
-  try:
-    with _StopSignal() as stop:
-      for step in range(start_step + 1, total_steps + 1):
-        batch = parallel.global_batch(next(train_batches), mesh)
-        state, metrics = compiled_train_step(state, batch, dropout_rng)
-        pending.append(metrics)
-        epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
-        preempted = stop.received is not None or (
-            jax.process_count() > 1 and checkpointer.reached_preemption(step)
-        )
-        save = preempted or step == total_steps or (
-            epoch_end and epoch % config.checkpoint_every_epochs == 0
-        )
-
-        # Metrics are fetched and checked before anything is evaluated or saved: a non-finite state is never
-        # checkpointed.
-        if save or epoch_end or step % config.log_every_steps == 0:
-          summary = _summarize_train_metrics(pending, step, steps_per_epoch, last_saved)
-          summary['images_per_second'] = throughput.images_per_second(len(pending) * config.batch_size)
-          pending = []
-          writer.write(step, step / steps_per_epoch, summary)
-          progress.update(step, summary)
-
-        if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
-          final = _prefixed(evaluate(state), 'eval', info.num_classes)
-          writer.write(step, epoch, final)
-          progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
-          if best_checkpointer and final['eval_accuracy'] > best_accuracy:
-            best_accuracy = final['eval_accuracy']
-            best_checkpointer.save(step, state)
-
-        if save:
-          checkpointer.save(step, state)
-          last_saved = step
-        if preempted:
-          logging.warning('Stopped at step %d; run the same command again to resume.', step)
-          return {'step': step, 'preempted': 1.0}
-  finally:
-    progress.close()
+  try:  # The writer is closed on every exit: its background thread must not outlive the run.
     try:
-      checkpointer.wait()  # Raises CheckpointWriteError if the last write failed.
-    finally:
-      checkpointer.close()
+      with _StopSignal() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+          batch = parallel.global_batch(next(train_batches), mesh)
+          state, metrics = compiled_train_step(state, batch, dropout_rng)
+          pending.append(metrics)
+          epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
+          preempted = stop.received is not None or (
+              jax.process_count() > 1 and checkpointer.reached_preemption(step)
+          )
+          save = preempted or step == total_steps or (
+              epoch_end and epoch % config.checkpoint_every_epochs == 0
+          )
 
-  if config.ten_crop_eval:
-    ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
-    final.update(_prefixed(ten_crop, 'eval_ten_crop', info.num_classes))
-  if best_checkpointer is not None:
-    best_state = best_checkpointer.restore(state)
-    test = Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
-    final.update({'best_step': float(best_checkpointer.latest_step()), **_prefixed(test, 'test', info.num_classes)})
-    best_checkpointer.close()
-  writer.write(total_steps, config.num_epochs, {k: v for k, v in final.items() if not k.startswith('eval_')})
-  writer.close()
-  if jax.process_index() == 0:
-    reporting.plot_error_curves(workdir)
+          # Metrics are fetched and checked before anything is evaluated or saved: a non-finite state is never
+          # checkpointed.
+          if save or epoch_end or step % config.log_every_steps == 0:
+            summary = _summarize_train_metrics(pending, step, steps_per_epoch, last_saved)
+            summary['images_per_second'] = throughput.images_per_second(len(pending) * config.batch_size)
+            pending = []
+            writer.write(step, step / steps_per_epoch, summary)
+            progress.update(step, summary)
+
+          if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
+            final = _prefixed(evaluate(state), 'eval', info.num_classes)
+            writer.write(step, epoch, final)
+            progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
+            if best_checkpointer and final['eval_accuracy'] > best_accuracy:
+              best_accuracy = final['eval_accuracy']
+              best_checkpointer.save(step, state)
+
+          if save:
+            checkpointer.save(step, state)
+            last_saved = step
+          if preempted:
+            logging.warning('Stopped at step %d; run the same command again to resume.', step)
+            return {'step': step, 'preempted': 1.0}
+    finally:
+      progress.close()
+      try:
+        checkpointer.wait()  # Raises CheckpointWriteError if the last write failed.
+      finally:
+        checkpointer.close()
+
+    if config.ten_crop_eval:
+      ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
+      final.update(_prefixed(ten_crop, 'eval_ten_crop', info.num_classes))
+    if best_checkpointer is not None:
+      best_state = best_checkpointer.restore(state)
+      test = Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
+      final.update({'best_step': float(best_checkpointer.latest_step()), **_prefixed(test, 'test', info.num_classes)})
+      best_checkpointer.close()
+    summary = {k: v for k, v in final.items() if not k.startswith('eval_')}
+    if summary:
+      writer.write(total_steps, config.num_epochs, summary)
+    if jax.process_index() == 0:
+      reporting.plot_error_curves(workdir)
+  finally:
+    writer.close()
   return {'step': total_steps, **final}
 
 
