@@ -232,3 +232,16 @@ def test_a_resumed_run_logs_each_step_once_and_in_order(finished_run, tmp_path):
   resumed = reporting.read_metrics(str(workdir))
   assert [r['train_loss'] for r in resumed if 'train_loss' in r] == [
       r['train_loss'] for r in expected if 'train_loss' in r]
+
+
+def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=BATCH_SIZE)
+
+  def crash(self, state):
+    raise RuntimeError('evaluation crashed')
+
+  with mock.patch.object(training.Evaluator, '__call__', crash):
+    with pytest.raises(RuntimeError, match='evaluation crashed'):
+      training.train_and_evaluate(config, str(tmp_path))
+  assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
+  assert _all_checkpointed_values_finite(tmp_path)

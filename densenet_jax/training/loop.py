@@ -209,6 +209,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write(step, step / steps_per_epoch, summary)
             progress.update(step, summary)
 
+          # Saved before the evaluation: a crash while evaluating must not lose the epoch.
+          if save:
+            checkpointer.save(step, state)
+            last_saved = step
+          if preempted:
+            logging.warning('Stopped at step %d; run the same command again to resume.', step)
+            return {'step': step, 'preempted': 1.0}
           if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
             final = _prefixed(evaluate(state), 'eval', info.num_classes)
             writer.write(step, epoch, final)
@@ -216,13 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if best_checkpointer and final['eval_accuracy'] > best_accuracy:
               best_accuracy = final['eval_accuracy']
               best_checkpointer.save(step, state)
-
-          if save:
-            checkpointer.save(step, state)
-            last_saved = step
-          if preempted:
-            logging.warning('Stopped at step %d; run the same command again to resume.', step)
-            return {'step': step, 'preempted': 1.0}
     finally:
       progress.close()
       try:
