@@ -29,6 +29,7 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
     data.BadImageError: ('Data error', 2),
     checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
+    checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),
 }
 
 

@@ -245,3 +245,97 @@ def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):
       training.train_and_evaluate(config, str(tmp_path))
   assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
   assert _all_checkpointed_values_finite(tmp_path)
+
+
+def _largest_array_file(step_dir):
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / 'default') for name in names
+           if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  return max(files, key=os.path.getsize)
+
+
+def _write_garbage(step_dir):
+  with open(_largest_array_file(step_dir), 'r+b') as f:
+    f.seek(os.path.getsize(f.name) // 2)
+    f.write(np.random.default_rng(0).bytes(64))
+
+
+def _flip_a_bit(step_dir):
+  path = _largest_array_file(step_dir)
+  data = bytearray(open(path, 'rb').read())
+  data[len(data) // 2] ^= 0x10
+  open(path, 'wb').write(bytes(data))
+
+
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+FAULTS = {  # what each does to the newest checkpoint, and the reason its set-aside name gives
+    'garbage': (_write_garbage, 'changed-files'),
+    'flipped bit': (_flip_a_bit, 'changed-files'),
+    'truncated file': (_truncate, 'changed-files'),
+    'deleted _METADATA': (lambda d: os.remove(d / 'default' / '_METADATA'), 'missing-files'),
+    'deleted default/': (lambda d: shutil.rmtree(d / 'default'), 'missing-files'),
+    'empty step dir': (_empty, 'empty'),
+}
+
+
+@pytest.mark.parametrize('fault', FAULTS)
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, caplog, fault):
+  inject, reason = FAULTS[fault]
+  state = _initial_state(tiny_config(batch_size=BATCH_SIZE))
+  directory = tmp_path / 'checkpoints'
+  writer = checkpoints.Checkpointer(str(directory), keep=3)
+  writer.save(1, state.replace(step=1))
+  writer.save(2, state.replace(step=2, params=jax.tree.map(lambda p: p + 1, state.params)))
+  writer.close()
+  assert sorted(os.listdir(directory)) == ['1', '1.sha256.json', '2', '2.sha256.json']
+  inject(directory / '2')
+
+  # Readers (evaluate.py, init_from) skip it without touching the workdir, or refuse it when named.
+  first = workdir_lib.load_variables(str(tmp_path))['params']
+  for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(checkpoints.CheckpointCorruptError, match=str(directory / '2')):
+    checkpoints.load_variables(str(directory / '2'))
+
+  checkpointer = checkpoints.Checkpointer(str(directory), keep=3)
+  with caplog.at_level(logging.WARNING):
+    restored = checkpointer.restore_latest_intact(state)
+  checkpointer.close()
+  assert int(restored.step) == 1
+  assert f'2.corrupt-{reason}' in os.listdir(directory) and '2' not in os.listdir(directory)
+  assert str(directory / '2') in caplog.text and reason in caplog.text
+
+
+def test_without_an_intact_checkpoint_the_run_stops_with_one_paragraph(tmp_path):
+  state = _initial_state(tiny_config(batch_size=BATCH_SIZE))
+  writer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3, asynchronous=False)
+  writer.save(1, state.replace(step=1))
+  writer.close()
+  _flip_a_bit(tmp_path / 'checkpoints' / '1')
+  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3)
+  with pytest.raises(checkpoints.CheckpointCorruptError, match='No intact checkpoint') as error:
+    checkpointer.restore_latest_intact(state)
+  checkpointer.close()
+  assert '1.corrupt-changed-files' in str(error.value) and 'starts the run over' in str(error.value)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '1.corrupt-changed-files')  # set aside, not deleted
+
+
+def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninterrupted_one(
+    finished_run, tmp_path, caplog):
+  config, workdir, uninterrupted = _copy(finished_run, tmp_path)
+  last = workdir / 'checkpoints' / str(2 * STEPS_PER_EPOCH)
+  _write_garbage(last)
+  with caplog.at_level(logging.WARNING):
+    final = training.train_and_evaluate(config, str(workdir))
+  assert str(last) in caplog.text and 'changed-files' in caplog.text
+  assert final == uninterrupted
+  assert _complete_steps(workdir) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+  assert os.path.isdir(f'{last}.corrupt-changed-files')

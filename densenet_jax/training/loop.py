@@ -149,8 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_checkpointer = checkpoints.Checkpointer(
         os.path.join(workdir, workdir_lib.BEST_DIR), keep=1, asynchronous=False
     )
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
+  restored = checkpointer.restore_latest_intact(state)
+  if restored is not None:
+    state = restored
     logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
   elif config.init_from:
     state = _init_from(state, config.init_from, model, init_rng, state_sharding)

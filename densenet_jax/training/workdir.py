@@ -20,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
 from densenet_jax import config as config_lib
@@ -104,23 +104,36 @@ def run_config(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def checkpoint_path(path: str) -> str:
-  """The checkpoint `path` means: a workdir's latest complete checkpoint, or `path` itself."""
+def checkpoint_candidates(path: str) -> list[str]:
+  """The checkpoints `path` means, best first: a workdir's complete checkpoints newest first, or `path` itself."""
   path = os.path.abspath(path)
   directory = os.path.join(path, CHECKPOINTS_DIR)
   if not os.path.isdir(directory):
-    return path
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{path} is a workdir without any complete checkpoint.')
-  return os.path.join(directory, str(step))
+    return [path]
+  steps = checkpoints.complete_steps(directory)
+  if not steps:
+    raise FileNotFoundError(
+        f'{path} is a workdir without any complete checkpoint (its run has not finished an epoch yet, or its '
+        'checkpoints were set aside as damaged); train it first, or give a checkpoint directory.')
+  return [os.path.join(directory, str(step)) for step in reversed(steps)]
+
+
+def checkpoint_path(path: str) -> str:
+  """The checkpoint `path` means: a workdir's latest complete checkpoint, or `path` itself."""
+  return checkpoint_candidates(path)[0]
 
 
 def load_variables(path: str) -> dict[str, Any]:
-  """{'params', 'batch_stats'} as numpy arrays from a workdir (its latest checkpoint), one of its checkpoints, or
-  converted weights."""
-  return checkpoints.load_variables(checkpoint_path(path))
+  """{'params', 'batch_stats'} as numpy arrays from a workdir (its newest intact checkpoint), one of its
+  checkpoints, or converted weights. A damaged checkpoint of a workdir is skipped with a warning (not set aside:
+  the run owning the workdir may be running)."""
+  *newer, oldest = checkpoint_candidates(path)
+  for candidate in newer:
+    try:
+      return checkpoints.load_variables(candidate)
+    except checkpoints.CheckpointCorruptError as error:
+      logging.warning('Skipping %s: %s', candidate, error)
+  return checkpoints.load_variables(oldest)
 
 
 def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, Any]]:
