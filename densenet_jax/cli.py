@@ -17,13 +17,14 @@ from absl import app, flags, logging
 
 from densenet_jax import config as config_lib
 from densenet_jax import data, xla_flags
-from densenet_jax.training import checkpoints, parallel, steps
+from densenet_jax.training import checkpoints, lock, parallel, steps
 
 T = TypeVar('T')
 
 # Failures the user can act on: one paragraph and an exit code, no traceback. 2: fix the input; 1: the run
 # stopped (its complete checkpoints are kept).
-FAILURES: dict[type[BaseException], tuple[str, int]] = {
+FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that matches gives the label
+    lock.WorkdirBusy: ('Workdir in use', 2),
     config_lib.ConfigError: ('Config error', 2),
     steps.TrainingDiverged: ('Training stopped', 1),
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.

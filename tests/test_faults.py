@@ -339,3 +339,32 @@ def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninte
   assert final == uninterrupted
   assert _complete_steps(workdir) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
   assert os.path.isdir(f'{last}.corrupt-changed-files')
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
+  from densenet_jax.training import lock
+
+  mine = lock.acquire(str(tmp_path))  # this process stands for the first run
+  with pytest.raises(lock.WorkdirBusy, match=f'process {os.getpid()} on host') as error:
+    training.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert str(tmp_path / '.lock') in str(error.value)
+  assert not (tmp_path / 'checkpoints').exists()
+  lock.release(str(tmp_path), mine)
+  assert not (tmp_path / '.lock').exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path, caplog):
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from densenet_jax.training import lock; '
+       'lock.acquire(sys.argv[1]); print("locked", flush=True); time.sleep(600)', str(tmp_path)],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert holder.stdout.readline().strip() == 'locked'
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  assert (tmp_path / '.lock').exists()
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=1024, eval_every_epochs=100)
+  with caplog.at_level(logging.WARNING):
+    final = training.train_and_evaluate(config, str(tmp_path))
+  assert final['step'] == 1
+  assert f'process {holder.pid} on host' in caplog.text and 'no longer running' in caplog.text
+  assert not (tmp_path / '.lock').exists()

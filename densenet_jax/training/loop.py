@@ -23,7 +23,7 @@ from absl import logging
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
 from densenet_jax.data import pipeline
-from densenet_jax.training import checkpoints, optim, parallel, reporting
+from densenet_jax.training import checkpoints, lock, optim, parallel, reporting
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
 
@@ -110,11 +110,19 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains and evaluates `config` in `workdir`; returns the final metrics."""
+  """Trains and evaluates `config` in `workdir`; returns the final metrics.
+
+  Raises lock.WorkdirBusy if another process trains in `workdir`.
+  """
   config_lib.validate(config)
-  use_compilation_cache(config.compilation_cache_dir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  with lock.held(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  use_compilation_cache(config.compilation_cache_dir)
   workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
 
   mesh = parallel.create_mesh()
