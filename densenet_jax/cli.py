@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from densenet_jax import config as config_lib
 from densenet_jax import data, xla_flags
-from densenet_jax.training import checkpoints, lock, parallel, steps
+from densenet_jax.training import checkpoints, lock, parallel, steps, stopping
 
 T = TypeVar('T')
 
@@ -99,6 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def start(argv: list[str]) -> None:
   """The common start of main(): no positional arguments, quiet logs, TF off the GPUs, distributed JAX."""
+  stopping.install()  # again: absl's app.run may have replaced the SIGINT handler
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()

@@ -368,3 +368,20 @@ def test_the_lock_of_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path
   assert final['step'] == 1
   assert f'process {holder.pid} on host' in caplog.text and 'no longer running' in caplog.text
   assert not (tmp_path / '.lock').exists()
+
+
+@pytest.mark.parametrize('signum, delay', [(signal.SIGTERM, 1.0), (signal.SIGINT, 4.0)])
+def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, delay):
+  import time
+
+  process = subprocess.Popen(
+      [sys.executable, 'train.py', '--config=configs/quickstart.py', f'--workdir={tmp_path}'],
+      cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  time.sleep(delay)  # importing, parsing flags, setting up the data or compiling
+  process.send_signal(signum)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  assert 'stopped before the first step; nothing to save' in output, output[-3000:]
+  assert 'Traceback' not in output
+  assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()

@@ -23,7 +23,7 @@ from absl import logging
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
 from densenet_jax.data import pipeline
-from densenet_jax.training import checkpoints, lock, optim, parallel, reporting
+from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
 
@@ -41,9 +41,11 @@ class _StopSignal:
 
   def __enter__(self):
     # With several processes JAX's preemption service handles SIGTERM and agrees on a step.
-    if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if jax.process_count() == 1:
+        self._previous[sig] = stopping.after_training(sig, signal.signal(sig, self._handle))
+      elif sig == signal.SIGINT:  # Ctrl-C: no longer "before the first step"
+        signal.signal(sig, stopping.after_training(sig, signal.getsignal(sig)))
     return self
 
   def _handle(self, signum, frame):
