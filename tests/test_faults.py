@@ -13,10 +13,12 @@ import sys
 from unittest import mock
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
+from densenet_jax import config as config_lib
 from densenet_jax.training import checkpoints
 from densenet_jax import model as model_lib
 from densenet_jax.training import workdir as workdir_lib
@@ -59,7 +61,23 @@ def tf_encode_png(image):
 
 def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback(tmp_path):
   _image_folder_with_a_corrupt_file(tmp_path / 'images')
-  setups = {**BAD_SETUPS, 'Could not decode': ([
+  (tmp_path / 'syntax.py').write_text('def get_config(:\n')
+  (tmp_path / 'wrong_type.py').write_text(
+      'from configs import quickstart\ndef get_config():\n  c = quickstart.get_config()\n'
+      '  c.batch_size = "abc"\n  return c\n')
+  (tmp_path / 'truncated').mkdir()
+  (tmp_path / 'truncated' / 'config.json').write_text('{"batch_size": 12')
+  (tmp_path / 'a_file').write_text('')
+  setups = {**BAD_SETUPS, **{  # the last --config and --workdir given win
+      'No such file or directory': ([f'--config={tmp_path / "missing.py"}'], {}),
+      'SyntaxError': ([f'--config={tmp_path / "syntax.py"}'], {}),
+      "Unknown CIFAR model 'densenet999'": (['--config=configs/cifar10.py:densenet999'], {}),
+      'cannot be casted': ([f'--config={tmp_path / "wrong_type.py"}'], {}),
+      '--config.batch_size=abc': (['--config.batch_size=abc'], {}),
+      'is not a valid config': ([f'--workdir={tmp_path / "truncated"}'], {}),
+      'cannot be used: Not a directory': ([f'--workdir={tmp_path / "a_file" / "run"}'], {}),
+      'cannot be used: File exists': ([f'--workdir={tmp_path / "a_file"}'], {}),
+  }, 'Could not decode': ([
       '--config.dataset=image_folder', f'--config.data_dir={tmp_path / "images"}', '--config.image_size=32',
       '--config.eval_split=val', '--config.batch_size=8', '--config.augment=False'], {})}
   processes = {  # All at once: each spends its few seconds importing, then fails before compiling.
@@ -77,8 +95,12 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
     assert name in messages[name], messages[name]
     assert 'Traceback' not in stdout + messages[name]
     assert not checkpoints.complete_steps(str(tmp_path / str(i) / 'checkpoints'))
-  for name in ('lr_boundaries_epochs', 'batch_sise', 'batch_size'):
+  for name in ('lr_boundaries_epochs', 'batch_sise', 'batch_size', 'SyntaxError', 'is not a valid config'):
     assert messages[name].startswith('Config error:'), messages[name]
+  for name, message in messages.items():  # one paragraph: the label and the name on one line
+    if name != 'tfds build cifar10':
+      assert any(line.startswith(('Config error: ', 'Error: ', 'Data error: ')) and name in line
+                 for line in message.splitlines()), message
   assert 'Did you mean "batch_size"' in messages['batch_sise']
 
 
@@ -385,3 +407,52 @@ def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, 
   assert 'stopped before the first step; nothing to save' in output, output[-3000:]
   assert 'Traceback' not in output
   assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()
+
+
+CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
+    'negative lr_decay_factor': (dict(lr_decay_factor=-0.1), 'lr_decay_factor must be positive'),
+    'negative weight_decay': (dict(weight_decay=-1e-4), 'weight_decay must be 0 or more'),
+    'dropout 1': (dict(dropout_rate=1.0), 'dropout_rate must be in [0, 1)'),
+    'negative dropout': (dict(dropout_rate=-0.1), 'dropout_rate must be in [0, 1)'),
+    'float16': (dict(dtype='float16'), 'needs loss scaling'),
+    'synthetic with augmentation': (dict(dataset='synthetic', augment=True), 'no data augmentation'),
+    'image too small': (dict(model='densenet121', architecture=ml_collections.ConfigDict()),
+                        'are 8x8, too small for config.model=\'densenet121\', which needs at least 32x32'),
+}
+
+
+@pytest.mark.parametrize('mistake', CONFIG_MISTAKES)
+def test_config_mistakes_stop_before_anything_runs(tmp_path, mistake):
+  overrides, expected = CONFIG_MISTAKES[mistake]
+  with pytest.raises(config_lib.ConfigError) as error:
+    training.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert expected in str(error.value) and '\n' not in str(error.value)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_missing_eval_split_of_an_image_folder_is_named_with_the_splits_it_has(tmp_path):
+  _image_folder_with_a_corrupt_file(tmp_path / 'images')
+  config = tiny_config(dataset='image_folder', batch_size=8, eval_split='validation')
+  config.data_dir, config.image_size = str(tmp_path / 'images'), 32
+  with pytest.raises((config_lib.ConfigError, FileNotFoundError)) as error:
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert "'validation'" in str(error.value) and "val" in str(error.value).split("'validation'")[1]
+
+
+def test_a_read_only_workdir_is_one_config_error(tmp_path):
+  denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / 'run'))
+  with mock.patch('os.makedirs', side_effect=denied):  # root ignores chmod: simulate what a user gets
+    with pytest.raises(config_lib.ConfigError, match='cannot be used: Permission denied'):
+      training.train_and_evaluate(tiny_config(), str(tmp_path / 'run'))
+
+
+def test_a_resume_may_change_cosmetic_fields_and_a_refusal_lists_every_changed_field(tmp_path):
+  workdir_lib.record_config(tiny_config(), str(tmp_path))
+  workdir_lib.record_config(tiny_config(checkpoint_every_epochs=5, eval_every_epochs=2, log_every_steps=1,
+                                        keep_checkpoints=9, progress_bar=True), str(tmp_path))
+  changed = dict(batch_size=64, seed=3, learning_rate=0.5, momentum=0.8, num_epochs=3, weight_decay=0.0,
+                 dropout_rate=0.1, nesterov=False, augment=True, lr_decay_factor=0.2)
+  with pytest.raises(config_lib.ConfigError) as error:
+    workdir_lib.record_config(tiny_config(**changed), str(tmp_path))
+  for field in changed:
+    assert f'{field}:' in str(error.value)

@@ -117,8 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises lock.WorkdirBusy if another process trains in `workdir`.
   """
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare(workdir)
   with lock.held(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate(config, workdir)
 
@@ -134,6 +133,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   total_steps = steps_per_epoch * config.num_epochs
 
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
+  config_lib.validate_input_size(info, model.min_input_size, config.model)
   learning_rate_fn = optim.create_learning_rate_fn(
       config.learning_rate, config.lr_boundaries_epochs, config.lr_decay_factor, steps_per_epoch
   )

@@ -36,7 +36,41 @@ CURVES_FILE = 'error_curves.png'
 IMAGENET_CLASSES = 1000
 
 # Fields that do not change what a run computes: a resumed run may change them.
-COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir'})
+COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir',
+                             'checkpoint_every_epochs', 'eval_every_epochs'})
+
+
+def prepare(workdir: str) -> str:
+  """Creates `workdir` if needed and checks that files can be written there; returns its absolute path.
+
+  Raises ConfigError naming the problem (a file in the way, a read-only or missing parent) before anything runs.
+  """
+  workdir = os.path.abspath(workdir)
+  probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as error:
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} cannot be used: {error.strerror or error} ({error.filename or workdir}). Give a '
+        'directory that can be created and written to (not a file, not under a file, not read-only).') from None
+  return workdir
+
+
+def _read_json(path: str) -> dict:
+  """A config.json, or ConfigError if it is unreadable (cut short by a crash, edited by hand)."""
+  try:
+    with open(path) as f:
+      resolved = json.load(f)
+    if not isinstance(resolved, dict):
+      raise ValueError('not a JSON object')
+  except ValueError as error:
+    raise config_lib.ConfigError(
+        f'{path} is not a valid config ({error}). It records the config of the run in that workdir: restore it '
+        f'from a copy, or delete it to continue the run with the config given now.') from None
+  return resolved
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bool = True) -> None:
@@ -47,12 +81,11 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bo
   path = os.path.join(workdir, CONFIG_FILE)
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
   if os.path.exists(path):
-    with open(path) as f:
-      previous = config_lib.with_defaults(json.load(f))  # A field added since the run started ran at its default.
+    previous = config_lib.with_defaults(_read_json(path))  # A field added since the run started ran at its default.
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in COSMETIC_FIELDS and previous.get(k) != resolved.get(k))
     if changed:
-      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed[:8])
+      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed)
       raise config_lib.ConfigError(
           f'{workdir} holds a run with another config ({details}). Use a new --workdir for a new run, or delete '
           f'{path} to resume that run with the new config anyway.'
@@ -81,8 +114,7 @@ def find_config(path: str) -> str | None:
 
 def read_config(config_path: str) -> ml_collections.ConfigDict:
   """A run's config.json, completed with the fields added since at their defaults."""
-  with open(config_path) as f:
-    return ml_collections.ConfigDict(config_lib.with_defaults(json.load(f)))
+  return ml_collections.ConfigDict(config_lib.with_defaults(_read_json(config_path)))
 
 
 def run_config(path: str) -> ml_collections.ConfigDict:
