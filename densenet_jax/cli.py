@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from absl import app, flags, logging
 
 from densenet_jax import config as config_lib
-from densenet_jax import data, xla_flags
+from densenet_jax import data, model, xla_flags
 from densenet_jax.training import checkpoints, lock, parallel, steps, stopping
 
 T = TypeVar('T')
@@ -26,6 +26,7 @@ T = TypeVar('T')
 FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that matches gives the label
     lock.WorkdirBusy: ('Workdir in use', 2),
     config_lib.ConfigError: ('Config error', 2),
+    model.WeightMismatchError: ('Weights do not fit', 2),  # an evaluated or init_from checkpoint of another model
     steps.TrainingDiverged: ('Training stopped', 1),
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
     data.BadImageError: ('Data error', 2),

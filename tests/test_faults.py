@@ -456,3 +456,31 @@ def test_a_resume_may_change_cosmetic_fields_and_a_refusal_lists_every_changed_f
     workdir_lib.record_config(tiny_config(**changed), str(tmp_path))
   for field in changed:
     assert f'{field}:' in str(error.value)
+
+
+def test_evaluating_weights_of_another_architecture_or_an_empty_workdir_is_one_paragraph(finished_run, tmp_path):
+  import json
+
+  config, workdir, _ = _copy(finished_run, tmp_path)
+  recorded = json.loads((workdir / 'config.json').read_text())
+  recorded['architecture']['growth_rate'] = 8  # as if the weights came from another run
+  (workdir / 'config.json').write_text(json.dumps(recorded))
+  with pytest.raises(model_lib.WeightMismatchError, match='do not fit the architecture recorded') as error:
+    training.evaluate_checkpoint(str(workdir))
+  assert str(workdir / 'config.json') in str(error.value) and '\n' not in str(error.value)
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  workdir_lib.record_config(config, str(empty))  # a run that stopped before its first checkpoint
+  with pytest.raises(FileNotFoundError, match='workdir without any complete checkpoint'):
+    training.evaluate_checkpoint(str(empty))
+  with pytest.raises(FileNotFoundError, match='No checkpoint at'):
+    training.evaluate_checkpoint(str(tmp_path / 'nowhere'))
+
+
+def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tmp_path):
+  _, workdir, _ = _copy(finished_run, tmp_path)
+  config = tiny_config(init_from=str(workdir))
+  config.architecture.depth = 16
+  with pytest.raises(model_lib.WeightMismatchError, match='do not fit the model'):
+    training.train_and_evaluate(config, str(tmp_path / 'fine_tuned'))

@@ -297,6 +297,9 @@ def evaluate_checkpoint(
   The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
   dtype, by default the workdir's own config.json (workdir.run_config).
   """
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f'No checkpoint at {checkpoint}: give a training workdir, one of its '
+                            'checkpoints/<step> directories, or converted weights.')
   config = workdir_lib.run_config(checkpoint) if config is None else config
   config_lib.validate(config)
   use_compilation_cache(config.compilation_cache_dir)

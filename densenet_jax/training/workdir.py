@@ -114,7 +114,11 @@ def find_config(path: str) -> str | None:
 
 def read_config(config_path: str) -> ml_collections.ConfigDict:
   """A run's config.json, completed with the fields added since at their defaults."""
-  return ml_collections.ConfigDict(config_lib.with_defaults(_read_json(config_path)))
+  resolved = config_lib.with_defaults(_read_json(config_path))
+  reference = config_lib.get_config()
+  # JSON has no tuples: give tuple fields (lr_boundaries_epochs) back their type, which validate() checks.
+  return ml_collections.ConfigDict({
+      k: tuple(v) if isinstance(v, list) and isinstance(reference.get(k), tuple) else v for k, v in resolved.items()})
 
 
 def run_config(path: str) -> ml_collections.ConfigDict:
@@ -140,7 +144,8 @@ def checkpoint_candidates(path: str) -> list[str]:
   """The checkpoints `path` means, best first: a workdir's complete checkpoints newest first, or `path` itself."""
   path = os.path.abspath(path)
   directory = os.path.join(path, CHECKPOINTS_DIR)
-  if not os.path.isdir(directory):
+  is_workdir = os.path.isdir(directory) or os.path.isfile(os.path.join(path, CONFIG_FILE))
+  if not is_workdir:
     return [path]
   steps = checkpoints.complete_steps(directory)
   if not steps:
@@ -177,7 +182,7 @@ def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, An
   """
   path = os.path.abspath(path)
   variables = load_variables(path)
-  options = dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0, **overrides)
+  options = {**dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0), **overrides}
   config_path = find_config(path)
   if config_path is not None:
     params = variables['params']
@@ -217,4 +222,9 @@ def _check_fits(model: model_lib.DenseNet, variables: Mapping[str, Any], path: s
   if want != got:
     wrong = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     details = '; '.join(f'{k}: model {want.get(k)}, checkpoint {got.get(k)}' for k in wrong[:5])
-    raise ValueError(f'The weights at {path} do not fit the recorded architecture ({details}).')
+    recorded = find_config(path) or 'their metadata'
+    raise model_lib.WeightMismatchError(
+        f'The weights at {path} do not fit the architecture recorded with them in {recorded} ({details}): another model wrote them. Evaluate or fine-tune them with the config of the run '
+        'that wrote them.', missing=[k for k in wrong if k not in got], unexpected=[k for k in wrong if k not in want],
+        mismatched=[(k, got[k], want[k]) for k in wrong if k in got and k in want])
+
