@@ -484,3 +484,35 @@ def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tm
   config.architecture.depth = 16
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the model'):
     training.train_and_evaluate(config, str(tmp_path / 'fine_tuned'))
+
+
+def test_converted_weights_do_not_share_memory_with_the_torch_tensors():
+  torch = pytest.importorskip('torch')
+  from densenet_jax.weights import convert
+
+  net = model_lib.create_model('densenet121', num_classes=3)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32),
+                           model_lib.abstract_variables(net))
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch_state_dict(variables).items()}
+  converted = convert.from_torch_state_dict(tensors, net)
+  before = jax.tree.map(np.copy, converted)
+  for tensor in tensors.values():
+    tensor.add_(1.0)  # e.g. the torch model trains on after the conversion
+  for got, want in zip(jax.tree.leaves(converted), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_truncated_keras_file_is_reported_as_unreadable_not_missing(tmp_path):
+  import zipfile
+
+  from densenet_jax.weights import readers
+
+  path = tmp_path / 'densenet121.keras'
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('config.json', '{}' * 1000)
+    archive.writestr('model.weights.h5', np.random.default_rng(0).bytes(4096))
+  os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(readers.WeightFileError) as error:
+    readers.read_keras_file(path)
+  assert 'truncated' in str(error.value) and 'not found' not in str(error.value).lower()

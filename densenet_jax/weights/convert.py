@@ -288,7 +288,7 @@ def _mismatch_message(source_label, label, net, fmt, source, missing, unexpected
   message = '\n'.join(lines)
   if mismatched:
     message += registry.format_keys('shape mismatches', [f'{k} {got} vs {want}' for k, got, want in mismatched])
-  message += registry.format_keys('missing keys', missing) + model_lib.format_keys('unexpected keys', unexpected)
+  message += registry.format_keys('missing keys', missing) + registry.format_keys('unexpected keys', unexpected)
   found = _infer(source, fmt)
   if found is not None:
     name, net = found
@@ -320,7 +320,9 @@ def convert(source: Mapping[str, np.ndarray], model, fmt: _Format, source_label:
   variables: Variables = {'params': {}, 'batch_stats': {}}
   for key, leaf in expected.items():
     array = fmt.to_flax(leaf.path, np.asarray(source[key]))
-    _set(variables[leaf.collection], leaf.path, np.ascontiguousarray(array, dtype=leaf.dtype))
+    # A copy: np.asarray of a CPU torch tensor shares its memory, and the caller may go on changing the tensor
+    # (training, load_state_dict) after converting.
+    _set(variables[leaf.collection], leaf.path, np.array(array, dtype=leaf.dtype, order='C', copy=True))
   return variables
 
 
