@@ -141,7 +141,11 @@ def test_a_checkpoint_left_incomplete_by_a_crash_is_ignored_with_a_warning(tmp_p
   assert incomplete.name in caplog.text and str(directory) in caplog.text
   assert f'resuming from step {STEPS_PER_EPOCH}' in caplog.text
   assert final['step'] == last and np.isfinite(final['eval_loss'])
-  assert sorted(os.listdir(directory)) == sorted([str(STEPS_PER_EPOCH), str(last)])  # tmp deleted
+  assert not [name for name in os.listdir(directory) if checkpoints.INCOMPLETE_MARKER in name]  # tmp deleted
+  assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH, last]
+  checkpointer = checkpoints.Checkpointer(str(directory), keep=3)
+  assert int(checkpointer.restore_latest_intact(_initial_state(config)).step) == last  # fresh checksums match
+  checkpointer.close()
   trained = [r['step'] for r in reporting.read_metrics(str(tmp_path)) if 'train_loss' in r]
   assert trained[0] > STEPS_PER_EPOCH and trained[-1] == last
 

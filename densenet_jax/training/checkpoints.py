@@ -176,7 +176,7 @@ class Checkpointer:
       raise
     if self._saving is not None and self._primary:
       step_dir = os.path.join(self.directory, str(self._saving))
-      if os.path.isdir(step_dir) and not integrity.has_checksums(step_dir):
+      if os.path.isdir(step_dir):  # Overwrites checksums left by an earlier checkpoint of the same step.
         integrity.record(step_dir)
       integrity.remove_orphans(self.directory)
     self._saving = None
