@@ -7,7 +7,11 @@ evaluation. --config=FILE (with --config.field=value overrides) evaluates on ano
 accuracy and the loss.
 """
 
-from densenet_jax import cli
+from densenet_jax.training import stopping
+
+stopping.install()  # First: a SIGTERM or Ctrl-C while JAX and TensorFlow load ends with one line and exit 0.
+
+from densenet_jax import cli  # noqa: E402
 
 cli.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
 

@@ -5,7 +5,11 @@ CPU, several GPUs or every host of a TPU pod (see README.md); running it again w
 the last run stopped.
 """
 
-from densenet_jax import cli
+from densenet_jax.training import stopping
+
+stopping.install()  # First: a SIGTERM or Ctrl-C while JAX and TensorFlow load ends with one line and exit 0.
+
+from densenet_jax import cli  # noqa: E402
 
 cli.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
 

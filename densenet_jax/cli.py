@@ -16,19 +16,22 @@ from typing import Any, TypeVar
 from absl import app, flags, logging
 
 from densenet_jax import config as config_lib
-from densenet_jax import data, xla_flags
-from densenet_jax.training import checkpoints, parallel, steps
+from densenet_jax import data, model, xla_flags
+from densenet_jax.training import checkpoints, lock, parallel, steps, stopping
 
 T = TypeVar('T')
 
 # Failures the user can act on: one paragraph and an exit code, no traceback. 2: fix the input; 1: the run
 # stopped (its complete checkpoints are kept).
-FAILURES: dict[type[BaseException], tuple[str, int]] = {
+FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that matches gives the label
+    lock.WorkdirBusy: ('Workdir in use', 2),
     config_lib.ConfigError: ('Config error', 2),
+    model.WeightMismatchError: ('Weights do not fit', 2),  # an evaluated or init_from checkpoint of another model
     steps.TrainingDiverged: ('Training stopped', 1),
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
     data.BadImageError: ('Data error', 2),
     checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
+    checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),
 }
 
 
@@ -67,37 +70,72 @@ def show_only_own_info_logs() -> None:
   logging.get_absl_handler().addFilter(own_or_important)
 
 
+def _innermost(error: BaseException) -> BaseException:
+  """The original error behind the wrappers of absl and ml_collections."""
+  seen = set()
+  while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return error
+
+
+def _config_error(message: str) -> None:
+  print(f'Config error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """Flags parser for absl's app.run: an override of a field the config lacks (a typo such as
+  """Flags parser for absl's app.run: every mistake in the flags or the config file (a missing or broken file, a
+  wrong ':ARGUMENT', a value of the wrong type, an override of a field the config lacks such as
   --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:  # absl's own message for a malformed flag value.
-    print(f'FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.',
-          file=sys.stderr)
-    sys.exit(1)
+    remaining = flags.FLAGS(argv)
+    config = flags.FLAGS.config if 'config' in flags.FLAGS else None
+    if config is not None:
+      config.keys()  # ml_collections defers a missing file's error to the first use: report it here.
+    return remaining
+  except flags.Error as error:  # A malformed flag value, or an error raised by the config file's get_config.
+    inner, lines = _innermost(error), str(error).strip().splitlines()
+    detail = lines[0] if lines else type(error).__name__
+    if inner is not error and str(inner).strip() not in detail:
+      detail += f' ({type(inner).__name__}: {str(inner).strip()})'
+    _config_error(f'{detail} Pass --helpshort or --helpfull to see the flags.')
   except (AttributeError, KeyError) as error:
-    # ml_collections rejects the unknown field while parsing, as KeyError("'name'\nDid you mean ...").
-    text = error
-    while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(message))
-      text = text.args[0]
-    match = re.match(r"\W*(\w+)'?\s*(Did you mean .*)?", str(text), re.DOTALL)
-    if match is None:
+    field_error = _unknown_field(error, argv)
+    if field_error is None:
       raise
-    field, hint = match.group(1), match.group(2)
-    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
-    culprit = next((arg for arg in overrides if field in arg[len('--config.'):].split('.')), None)
-    if culprit is None:
-      raise
-    hint = f' {hint.strip()}' if hint else ''
-    print(f'Config error: {culprit}: the config has no field {field!r}.{hint} The fields, with their meaning, are '
-          'listed in densenet_jax/config.py.', file=sys.stderr)
-    sys.exit(2)
+    _config_error(field_error)
+  except (OSError, SyntaxError, ImportError, TypeError, ValueError) as error:
+    inner = _innermost(error)
+    where = f' ({inner.filename}, line {inner.lineno})' if isinstance(inner, SyntaxError) else ''
+    text = ' '.join(str(inner).split())  # one paragraph
+    _config_error(f'could not load the config file: {type(inner).__name__}: {text}{where}. Check the '
+                  '--config=FILE[:ARGUMENT] path and the file.')
+
+
+def _unknown_field(error: BaseException, argv: list[str]) -> str | None:
+  """The message for an override of a field the config lacks, or None if `error` is something else."""
+  # ml_collections rejects the unknown field while parsing, as KeyError("'name'\nDid you mean ...").
+  text = error
+  while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(message))
+    text = text.args[0]
+  match = re.match(r"\W*(\w+)'?\s*(Did you mean .*)?", str(text), re.DOTALL)
+  if match is None:
+    return None
+  field, hint = match.group(1), match.group(2)
+  overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
+  culprit = next((arg for arg in overrides if field in arg[len('--config.'):].split('.')), None)
+  if culprit is None:
+    return None
+  hint = f' {hint.strip()}' if hint else ''
+  return (f'{culprit}: the config has no field {field!r}.{hint} The fields, with their meaning, are listed in '
+          'densenet_jax/config.py.')
 
 
 def start(argv: list[str], *, positional: bool = False) -> None:
   """The common start of main(): no positional arguments (unless `positional`), quiet logs, TF off the GPUs,
   distributed JAX."""
+  stopping.install()  # again: absl's app.run may have replaced the SIGINT handler
   if len(argv) > 1 and not positional:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()

@@ -132,6 +132,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       'measured default of the backend.')
   if config.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'config.dtype={config.dtype!r}: use one of {", ".join(COMPUTE_DTYPES)}.')
+  if config.dtype == 'float16':
+    # float16 gradients underflow without loss scaling, which the training step does not do.
+    raise ConfigError("config.dtype='float16' is not supported for training: it needs loss scaling, which this "
+                      "training step does not do. Use 'bfloat16' (GPU/TPU) or 'float32'.")
+  if config.augment and config.dataset in data.WITHOUT_AUGMENTATION:
+    raise ConfigError(f'config.augment=True, but {config.dataset} has no data augmentation in its recipe; set '
+                      '--config.augment=False.')
   for field in ('batch_size', 'num_epochs', 'gradient_accumulation_steps', 'log_every_steps',
                 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints'):
     if config[field] < 1:
@@ -145,6 +152,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}.')
   if config.learning_rate <= 0:
     raise ConfigError(f'config.learning_rate must be positive, got {config.learning_rate}.')
+  if config.lr_decay_factor <= 0:
+    raise ConfigError(f'config.lr_decay_factor must be positive (0.1 divides the learning rate by 10 at each '
+                      f'boundary), got {config.lr_decay_factor}.')
+  if config.weight_decay < 0:
+    raise ConfigError(f'config.weight_decay must be 0 or more (the paper uses 1e-4), got {config.weight_decay}.')
   boundaries = list(config.lr_boundaries_epochs)
   if boundaries != sorted(boundaries) or any(not 0 < b < config.num_epochs for b in boundaries):
     raise ConfigError(
@@ -157,6 +169,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.batch_size={config.batch_size} is not divisible by '
         f'config.gradient_accumulation_steps={config.gradient_accumulation_steps}.'
     )
+
+
+def validate_input_size(info: data.DatasetInfo, min_input_size: int, model_name: str) -> None:
+  """Checks that the dataset's images are large enough for the model's downsampling."""
+  height, width = info.image_shape[:2]
+  if min(height, width) < min_input_size:
+    raise ConfigError(
+        f'The images of {info.name} are {height}x{width}, too small for config.model={model_name!r}, which needs '
+        f'at least {min_input_size}x{min_input_size}. Set --config.image_size={min_input_size} or larger (datasets '
+        'that resize), or use a model with fewer downsampling stages (a CIFAR model).')
 
 
 def validate_against_data(config: ml_collections.ConfigDict, info: data.DatasetInfo, device_count: int) -> None:

@@ -6,16 +6,19 @@ docs/faults.md lists every failure with what the program does and what the user 
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from unittest import mock
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
+from densenet_jax import config as config_lib
 from densenet_jax.training import checkpoints
 from densenet_jax import model as model_lib
 from densenet_jax.training import workdir as workdir_lib
@@ -58,7 +61,23 @@ def tf_encode_png(image):
 
 def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback(tmp_path):
   _image_folder_with_a_corrupt_file(tmp_path / 'images')
-  setups = {**BAD_SETUPS, 'Could not decode': ([
+  (tmp_path / 'syntax.py').write_text('def get_config(:\n')
+  (tmp_path / 'wrong_type.py').write_text(
+      'from configs import quickstart\ndef get_config():\n  c = quickstart.get_config()\n'
+      '  c.batch_size = "abc"\n  return c\n')
+  (tmp_path / 'truncated').mkdir()
+  (tmp_path / 'truncated' / 'config.json').write_text('{"batch_size": 12')
+  (tmp_path / 'a_file').write_text('')
+  setups = {**BAD_SETUPS, **{  # the last --config and --workdir given win
+      'No such file or directory': ([f'--config={tmp_path / "missing.py"}'], {}),
+      'SyntaxError': ([f'--config={tmp_path / "syntax.py"}'], {}),
+      "Unknown CIFAR model 'densenet999'": (['--config=configs/cifar10.py:densenet999'], {}),
+      'cannot be casted': ([f'--config={tmp_path / "wrong_type.py"}'], {}),
+      '--config.batch_size=abc': (['--config.batch_size=abc'], {}),
+      'is not a valid config': ([f'--workdir={tmp_path / "truncated"}'], {}),
+      'cannot be used: Not a directory': ([f'--workdir={tmp_path / "a_file" / "run"}'], {}),
+      'cannot be used: File exists': ([f'--workdir={tmp_path / "a_file"}'], {}),
+  }, 'Could not decode': ([
       '--config.dataset=image_folder', f'--config.data_dir={tmp_path / "images"}', '--config.image_size=32',
       '--config.eval_split=val', '--config.batch_size=8', '--config.augment=False'], {})}
   processes = {  # All at once: each spends its few seconds importing, then fails before compiling.
@@ -76,8 +95,12 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
     assert name in messages[name], messages[name]
     assert 'Traceback' not in stdout + messages[name]
     assert not checkpoints.complete_steps(str(tmp_path / str(i) / 'checkpoints'))
-  for name in ('lr_boundaries_epochs', 'batch_sise', 'batch_size'):
+  for name in ('lr_boundaries_epochs', 'batch_sise', 'batch_size', 'SyntaxError', 'is not a valid config'):
     assert messages[name].startswith('Config error:'), messages[name]
+  for name, message in messages.items():  # one paragraph: the label and the name on one line
+    if name != 'tfds build cifar10':
+      assert any(line.startswith(('Config error: ', 'Error: ', 'Data error: ')) and name in line
+                 for line in message.splitlines()), message
   assert 'Did you mean "batch_size"' in messages['batch_sise']
 
 
@@ -118,7 +141,11 @@ def test_a_checkpoint_left_incomplete_by_a_crash_is_ignored_with_a_warning(tmp_p
   assert incomplete.name in caplog.text and str(directory) in caplog.text
   assert f'resuming from step {STEPS_PER_EPOCH}' in caplog.text
   assert final['step'] == last and np.isfinite(final['eval_loss'])
-  assert sorted(os.listdir(directory)) == sorted([str(STEPS_PER_EPOCH), str(last)])  # tmp deleted
+  assert not [name for name in os.listdir(directory) if checkpoints.INCOMPLETE_MARKER in name]  # tmp deleted
+  assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH, last]
+  checkpointer = checkpoints.Checkpointer(str(directory), keep=3)
+  assert int(checkpointer.restore_latest_intact(_initial_state(config)).step) == last  # fresh checksums match
+  checkpointer.close()
   trained = [r['step'] for r in reporting.read_metrics(str(tmp_path)) if 'train_loss' in r]
   assert trained[0] > STEPS_PER_EPOCH and trained[-1] == last
 
@@ -168,3 +195,328 @@ def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   assert 'Received SIGINT' in caplog.text
   assert _complete_steps(tmp_path) == [4]
   assert signal.getsignal(signal.SIGINT) is handler  # given back after the run
+
+
+def _all_checkpointed_values_finite(workdir):
+  for step in _complete_steps(workdir):
+    variables = checkpoints.load_variables(str(workdir / 'checkpoints' / str(step)))
+    if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(variables)):
+      return False
+  return True
+
+
+def test_a_diverging_run_never_checkpoints_a_non_finite_state(tmp_path):
+  # One step per epoch, so every step is checkpointed unless the guard stops it; lr=1e6 overflows the weights.
+  config = tiny_config(num_epochs=4, lr_boundaries_epochs=(), batch_size=1024, learning_rate=1e6,
+                       eval_every_epochs=100)
+  with pytest.raises(training.TrainingDiverged) as error:
+    training.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  bad_step = int(message.split('at step ')[1].split()[0])
+  saved = _complete_steps(tmp_path)
+  assert all(step < bad_step for step in saved)
+  assert _all_checkpointed_values_finite(tmp_path)
+  if saved:
+    assert f'step {saved[-1]}; no checkpoint was written after it' in message
+  else:
+    assert 'No checkpoint was written' in message
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """An uninterrupted two-epoch run (checkpoints at the end of each epoch); tests work on copies of it."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  config = tiny_config(num_epochs=2, lr_boundaries_epochs=(1,), batch_size=BATCH_SIZE, log_every_steps=3)
+  final = training.train_and_evaluate(config, str(workdir))
+  return config, workdir, final
+
+
+def _copy(run, tmp_path):
+  config, workdir, final = run
+  shutil.copytree(workdir, tmp_path / 'run')
+  return config, tmp_path / 'run', final
+
+
+def _logged_steps(workdir, key):
+  return [r['step'] for r in reporting.read_metrics(str(workdir)) if key in r]
+
+
+def test_a_resumed_run_logs_each_step_once_and_in_order(finished_run, tmp_path):
+  config, workdir, _ = _copy(finished_run, tmp_path)
+  expected = reporting.read_metrics(str(workdir))
+  # As if killed before the last checkpoint was complete, after logging the steps that followed the first one.
+  shutil.rmtree(workdir / 'checkpoints' / str(2 * STEPS_PER_EPOCH))
+  for sidecar in (workdir / 'checkpoints').glob(f'{2 * STEPS_PER_EPOCH}.*'):
+    sidecar.unlink()
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 23, "epoch": 2.1, "train_lo')  # a line cut short by the kill
+  training.train_and_evaluate(config, str(workdir))
+  training.train_and_evaluate(config, str(workdir))  # a rerun of the finished run logs nothing new
+  for key in ('train_loss', 'eval_loss'):
+    steps = _logged_steps(workdir, key)
+    assert steps == sorted(set(steps)) == [r['step'] for r in expected if key in r]
+  resumed = reporting.read_metrics(str(workdir))
+  assert [r['train_loss'] for r in resumed if 'train_loss' in r] == [
+      r['train_loss'] for r in expected if 'train_loss' in r]
+
+
+def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=BATCH_SIZE)
+
+  def crash(self, state):
+    raise RuntimeError('evaluation crashed')
+
+  with mock.patch.object(training.Evaluator, '__call__', crash):
+    with pytest.raises(RuntimeError, match='evaluation crashed'):
+      training.train_and_evaluate(config, str(tmp_path))
+  assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
+  assert _all_checkpointed_values_finite(tmp_path)
+
+
+def _largest_array_file(step_dir):
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / 'default') for name in names
+           if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  return max(files, key=os.path.getsize)
+
+
+def _write_garbage(step_dir):
+  with open(_largest_array_file(step_dir), 'r+b') as f:
+    f.seek(os.path.getsize(f.name) // 2)
+    f.write(np.random.default_rng(0).bytes(64))
+
+
+def _flip_a_bit(step_dir):
+  path = _largest_array_file(step_dir)
+  data = bytearray(open(path, 'rb').read())
+  data[len(data) // 2] ^= 0x10
+  open(path, 'wb').write(bytes(data))
+
+
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+FAULTS = {  # what each does to the newest checkpoint, and the reason its set-aside name gives
+    'garbage': (_write_garbage, 'changed-files'),
+    'flipped bit': (_flip_a_bit, 'changed-files'),
+    'truncated file': (_truncate, 'changed-files'),
+    'deleted _METADATA': (lambda d: os.remove(d / 'default' / '_METADATA'), 'missing-files'),
+    'deleted default/': (lambda d: shutil.rmtree(d / 'default'), 'missing-files'),
+    'empty step dir': (_empty, 'empty'),
+}
+
+
+@pytest.mark.parametrize('fault', FAULTS)
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, caplog, fault):
+  inject, reason = FAULTS[fault]
+  state = _initial_state(tiny_config(batch_size=BATCH_SIZE))
+  directory = tmp_path / 'checkpoints'
+  writer = checkpoints.Checkpointer(str(directory), keep=3)
+  writer.save(1, state.replace(step=1))
+  writer.save(2, state.replace(step=2, params=jax.tree.map(lambda p: p + 1, state.params)))
+  writer.close()
+  assert sorted(os.listdir(directory)) == ['1', '1.sha256.json', '2', '2.sha256.json']
+  inject(directory / '2')
+
+  # Readers (evaluate.py, init_from) skip it without touching the workdir, or refuse it when named.
+  first = workdir_lib.load_variables(str(tmp_path))['params']
+  for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(checkpoints.CheckpointCorruptError, match=str(directory / '2')):
+    checkpoints.load_variables(str(directory / '2'))
+
+  checkpointer = checkpoints.Checkpointer(str(directory), keep=3)
+  with caplog.at_level(logging.WARNING):
+    restored = checkpointer.restore_latest_intact(state)
+  checkpointer.close()
+  assert int(restored.step) == 1
+  assert f'2.corrupt-{reason}' in os.listdir(directory) and '2' not in os.listdir(directory)
+  assert str(directory / '2') in caplog.text and reason in caplog.text
+
+
+def test_without_an_intact_checkpoint_the_run_stops_with_one_paragraph(tmp_path):
+  state = _initial_state(tiny_config(batch_size=BATCH_SIZE))
+  writer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3, asynchronous=False)
+  writer.save(1, state.replace(step=1))
+  writer.close()
+  _flip_a_bit(tmp_path / 'checkpoints' / '1')
+  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3)
+  with pytest.raises(checkpoints.CheckpointCorruptError, match='No intact checkpoint') as error:
+    checkpointer.restore_latest_intact(state)
+  checkpointer.close()
+  assert '1.corrupt-changed-files' in str(error.value) and 'starts the run over' in str(error.value)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '1.corrupt-changed-files')  # set aside, not deleted
+
+
+def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninterrupted_one(
+    finished_run, tmp_path, caplog):
+  config, workdir, uninterrupted = _copy(finished_run, tmp_path)
+  last = workdir / 'checkpoints' / str(2 * STEPS_PER_EPOCH)
+  _write_garbage(last)
+  with caplog.at_level(logging.WARNING):
+    final = training.train_and_evaluate(config, str(workdir))
+  assert str(last) in caplog.text and 'changed-files' in caplog.text
+  assert final == uninterrupted
+  assert _complete_steps(workdir) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+  assert os.path.isdir(f'{last}.corrupt-changed-files')
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
+  from densenet_jax.training import lock
+
+  mine = lock.acquire(str(tmp_path))  # this process stands for the first run
+  with pytest.raises(lock.WorkdirBusy, match=f'process {os.getpid()} on host') as error:
+    training.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert str(tmp_path / '.lock') in str(error.value)
+  assert not (tmp_path / 'checkpoints').exists()
+  lock.release(str(tmp_path), mine)
+  assert not (tmp_path / '.lock').exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path, caplog):
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from densenet_jax.training import lock; '
+       'lock.acquire(sys.argv[1]); print("locked", flush=True); time.sleep(600)', str(tmp_path)],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert holder.stdout.readline().strip() == 'locked'
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  assert (tmp_path / '.lock').exists()
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=1024, eval_every_epochs=100)
+  with caplog.at_level(logging.WARNING):
+    final = training.train_and_evaluate(config, str(tmp_path))
+  assert final['step'] == 1
+  assert f'process {holder.pid} on host' in caplog.text and 'no longer running' in caplog.text
+  assert not (tmp_path / '.lock').exists()
+
+
+@pytest.mark.parametrize('signum, delay', [(signal.SIGTERM, 1.0), (signal.SIGINT, 4.0)])
+def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, delay):
+  import time
+
+  process = subprocess.Popen(
+      [sys.executable, 'train.py', '--config=configs/quickstart.py', f'--workdir={tmp_path}'],
+      cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  time.sleep(delay)  # importing, parsing flags, setting up the data or compiling
+  process.send_signal(signum)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  assert 'stopped before the first step; nothing to save' in output, output[-3000:]
+  assert 'Traceback' not in output
+  assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()
+
+
+CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
+    'negative lr_decay_factor': (dict(lr_decay_factor=-0.1), 'lr_decay_factor must be positive'),
+    'negative weight_decay': (dict(weight_decay=-1e-4), 'weight_decay must be 0 or more'),
+    'dropout 1': (dict(dropout_rate=1.0), 'dropout_rate must be in [0, 1)'),
+    'negative dropout': (dict(dropout_rate=-0.1), 'dropout_rate must be in [0, 1)'),
+    'float16': (dict(dtype='float16'), 'needs loss scaling'),
+    'synthetic with augmentation': (dict(dataset='synthetic', augment=True), 'no data augmentation'),
+    'image too small': (dict(model='densenet121', architecture=ml_collections.ConfigDict()),
+                        'are 8x8, too small for config.model=\'densenet121\', which needs at least 32x32'),
+}
+
+
+@pytest.mark.parametrize('mistake', CONFIG_MISTAKES)
+def test_config_mistakes_stop_before_anything_runs(tmp_path, mistake):
+  overrides, expected = CONFIG_MISTAKES[mistake]
+  with pytest.raises(config_lib.ConfigError) as error:
+    training.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert expected in str(error.value) and '\n' not in str(error.value)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_missing_eval_split_of_an_image_folder_is_named_with_the_splits_it_has(tmp_path):
+  _image_folder_with_a_corrupt_file(tmp_path / 'images')
+  config = tiny_config(dataset='image_folder', batch_size=8, eval_split='validation')
+  config.data_dir, config.image_size = str(tmp_path / 'images'), 32
+  with pytest.raises((config_lib.ConfigError, FileNotFoundError)) as error:
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert "'validation'" in str(error.value) and "val" in str(error.value).split("'validation'")[1]
+
+
+def test_a_read_only_workdir_is_one_config_error(tmp_path):
+  denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / 'run'))
+  with mock.patch('os.makedirs', side_effect=denied):  # root ignores chmod: simulate what a user gets
+    with pytest.raises(config_lib.ConfigError, match='cannot be used: Permission denied'):
+      training.train_and_evaluate(tiny_config(), str(tmp_path / 'run'))
+
+
+def test_a_resume_may_change_cosmetic_fields_and_a_refusal_lists_every_changed_field(tmp_path):
+  workdir_lib.record_config(tiny_config(), str(tmp_path))
+  workdir_lib.record_config(tiny_config(checkpoint_every_epochs=5, eval_every_epochs=2, log_every_steps=1,
+                                        keep_checkpoints=9, progress_bar=True), str(tmp_path))
+  changed = dict(batch_size=64, seed=3, learning_rate=0.5, momentum=0.8, num_epochs=3, weight_decay=0.0,
+                 dropout_rate=0.1, nesterov=False, augment=True, lr_decay_factor=0.2)
+  with pytest.raises(config_lib.ConfigError) as error:
+    workdir_lib.record_config(tiny_config(**changed), str(tmp_path))
+  for field in changed:
+    assert f'{field}:' in str(error.value)
+
+
+def test_evaluating_weights_of_another_architecture_or_an_empty_workdir_is_one_paragraph(finished_run, tmp_path):
+  import json
+
+  config, workdir, _ = _copy(finished_run, tmp_path)
+  recorded = json.loads((workdir / 'config.json').read_text())
+  recorded['architecture']['growth_rate'] = 8  # as if the weights came from another run
+  (workdir / 'config.json').write_text(json.dumps(recorded))
+  with pytest.raises(model_lib.WeightMismatchError, match='do not fit the architecture recorded') as error:
+    training.evaluate_checkpoint(str(workdir))
+  assert str(workdir / 'config.json') in str(error.value) and '\n' not in str(error.value)
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  workdir_lib.record_config(config, str(empty))  # a run that stopped before its first checkpoint
+  with pytest.raises(FileNotFoundError, match='workdir without any complete checkpoint'):
+    training.evaluate_checkpoint(str(empty))
+  with pytest.raises(FileNotFoundError, match='No checkpoint at'):
+    training.evaluate_checkpoint(str(tmp_path / 'nowhere'))
+
+
+def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tmp_path):
+  _, workdir, _ = _copy(finished_run, tmp_path)
+  config = tiny_config(init_from=str(workdir))
+  config.architecture.depth = 16
+  with pytest.raises(model_lib.WeightMismatchError, match='do not fit the model'):
+    training.train_and_evaluate(config, str(tmp_path / 'fine_tuned'))
+
+
+def test_converted_weights_do_not_share_memory_with_the_torch_tensors():
+  torch = pytest.importorskip('torch')
+  from densenet_jax.weights import convert
+
+  net = model_lib.create_model('densenet121', num_classes=3)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32),
+                           model_lib.abstract_variables(net))
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch_state_dict(variables).items()}
+  converted = convert.from_torch_state_dict(tensors, net)
+  before = jax.tree.map(np.copy, converted)
+  for tensor in tensors.values():
+    tensor.add_(1.0)  # e.g. the torch model trains on after the conversion
+  for got, want in zip(jax.tree.leaves(converted), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_truncated_keras_file_is_reported_as_unreadable_not_missing(tmp_path):
+  import zipfile
+
+  from densenet_jax.weights import readers
+
+  path = tmp_path / 'densenet121.keras'
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('config.json', '{}' * 1000)
+    archive.writestr('model.weights.h5', np.random.default_rng(0).bytes(4096))
+  os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(readers.WeightFileError) as error:
+    readers.read_keras_file(path)
+  assert 'truncated' in str(error.value) and 'not found' not in str(error.value).lower()

@@ -7,6 +7,8 @@ images come from) and `preprocessing` (what is done to them).
 import dataclasses
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012', 'image_folder', 'digits', 'synthetic')
+# Datasets whose recipe has no "+" augmentation (the paper trains SVHN without it): augment=True is a mistake.
+WITHOUT_AUGMENTATION = ('svhn_cropped', 'synthetic')
 
 
 class BadImageError(ValueError):

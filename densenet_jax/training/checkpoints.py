@@ -6,7 +6,9 @@ A training run keeps TrainStates (step, params, batch_stats, opt_state) in a Che
 Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames it
 when complete, so a run killed while saving leaves no half-written checkpoint behind: the next start warns
 about the temporary directory, deletes it, and resumes from the last complete checkpoint. A failed write
-(full disk, lost mount) raises CheckpointWriteError; it never deletes the complete checkpoints.
+(full disk, lost mount) raises CheckpointWriteError; it never deletes the complete checkpoints. Each complete
+checkpoint gets checksums (integrity.py); one damaged later is set aside on restore, and the run resumes from the
+newest intact one.
 """
 
 from __future__ import annotations
@@ -20,11 +22,22 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from densenet_jax.training import integrity
+
 INCOMPLETE_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint whose write did not finish
 
 
 class CheckpointWriteError(RuntimeError):
   """Writing a checkpoint failed (full disk, lost mount, permissions); the message says where and why."""
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A checkpoint fails its checksums or cannot be read, and no intact one can replace it."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:200] if text else ""}'
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -56,6 +69,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
     self._saving: int | None = None  # the step being written in the background
+    self._primary = jax.process_index() == 0  # the process that writes checksums and sets checkpoints aside
     self._failed = False
     incomplete = self._incomplete_checkpoints()
     options = ocp.CheckpointManagerOptions(
@@ -106,11 +120,7 @@ class Checkpointer:
     Raises CheckpointWriteError if this write, or the previous one still running in the background,
     fails; older complete checkpoints are kept (they are only deleted after a newer one is complete).
     """
-    try:
-      self._manager.wait_until_finished()  # Report a failed background write under its own step.
-    except Exception as error:  # pylint: disable=broad-except
-      self._raise_if_write_error(self._saving, error)
-      raise
+    self.wait()  # Report a failed background write under its own step.
     self._saving = step
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -124,26 +134,66 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  def restore_latest_intact(self, template: Any) -> Any | None:
+    """The newest checkpoint that matches its checksums and can be read, restored like `template`; None if there is
+    no checkpoint. Damaged ones are set aside (`<step>.corrupt-<reason>`) with a warning naming them and why.
+
+    Raises CheckpointCorruptError when there were checkpoints but none is intact.
+    """
+    set_aside = []
+    for step in reversed(complete_steps(self.directory)):
+      step_dir = os.path.join(self.directory, str(step))
+      reason, detail = integrity.problem(step_dir), ''
+      if reason is None:
+        try:
+          return self.restore(template, step)
+        except Exception as error:  # pylint: disable=broad-except
+          reason, detail = 'unreadable', f' ({_first_line(error)})'
+      target = integrity.set_aside(step_dir, reason) if self._primary else step_dir
+      set_aside.append(target)
+      self._manager.reload()
+      logging.warning('Checkpoint %s is damaged (%s%s): set aside as %s; trying the previous checkpoint.',
+                      step_dir, reason, detail, target)
+    if set_aside:
+      raise CheckpointCorruptError(
+          f'No intact checkpoint is left in {self.directory}: every one failed its checksums or could not be '
+          f'read, and was set aside ({", ".join(os.path.basename(p) for p in set_aside)}; nothing was deleted). '
+          'Running the same command again starts the run over from step 0; to keep the work, restore the '
+          'checkpoint directories from a backup, or fine-tune from one with --config.init_from.'
+      )
+    return None
+
   def reached_preemption(self, step: int) -> bool:
     """Multi-process runs: whether JAX's preemption service asks every process to stop at `step`."""
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    """Blocks until the background write ends; raises CheckpointWriteError if it failed."""
+    """Blocks until the background write ends and records its checksums; raises CheckpointWriteError if it failed."""
     try:
       self._manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except
       self._raise_if_write_error(self._saving, error)
       raise
+    if self._saving is not None and self._primary:
+      step_dir = os.path.join(self.directory, str(self._saving))
+      if os.path.isdir(step_dir):  # Overwrites checksums left by an earlier checkpoint of the same step.
+        integrity.record(step_dir)
+      integrity.remove_orphans(self.directory)
+    self._saving = None
 
   def close(self) -> None:
+    """Waits for the last write (recording its checksums), then stops orbax's background threads."""
     try:
-      self._manager.close()
-    except Exception as error:  # pylint: disable=broad-except
-      if self._failed:  # Already reported by save() or wait().
-        return
-      self._raise_if_write_error(self._saving, error)
-      raise
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception as error:  # pylint: disable=broad-except
+        if self._failed:  # Already reported by save() or wait().
+          return
+        self._raise_if_write_error(self._saving, error)
+        raise
 
 
 def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
@@ -180,14 +230,24 @@ def load_variables(path: str) -> dict[str, Any]:
         f'No checkpoint at {path}. Give a directory written by `python -m densenet_jax.weights '
         'convert`, a training workdir, or one of its checkpoints/<step> directories.'
     )
+  reason = integrity.problem(path) if item != path else None  # a training checkpoint records checksums
+  if reason is not None:
+    raise CheckpointCorruptError(
+        f'The checkpoint at {path} is damaged ({reason}: its files do not match the checksums written with it). '
+        'Use another checkpoint of the run, e.g. the previous checkpoints/<step> directory.')
   checkpointer = ocp.StandardCheckpointer()
   # Restore onto this process's first device, whatever device layout the checkpoint was saved from.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-      checkpointer.metadata(item).item_metadata,
-  )
-  restored = jax.device_get(checkpointer.restore(item, target))
+  try:
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        checkpointer.metadata(item).item_metadata,
+    )
+    restored = jax.device_get(checkpointer.restore(item, target))
+  except Exception as error:  # pylint: disable=broad-except
+    raise CheckpointCorruptError(
+        f'The checkpoint at {path} cannot be read ({_first_line(error)}): a file of it is missing or damaged. '
+        'Use another checkpoint, or convert or copy the weights again.') from error
   variables = {k: restored[k] for k in ('params', 'batch_stats') if k in restored}
   if 'params' not in variables:
     raise ValueError(f'The checkpoint at {path} holds no "params" (keys: {sorted(restored)}).')

@@ -23,7 +23,7 @@ from absl import logging
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
 from densenet_jax.data import pipeline
-from densenet_jax.training import checkpoints, optim, parallel, reporting
+from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
 
@@ -41,9 +41,11 @@ class _StopSignal:
 
   def __enter__(self):
     # With several processes JAX's preemption service handles SIGTERM and agrees on a step.
-    if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if jax.process_count() == 1:
+        self._previous[sig] = stopping.after_training(sig, signal.signal(sig, self._handle))
+      elif sig == signal.SIGINT:  # Ctrl-C: no longer "before the first step"
+        signal.signal(sig, stopping.after_training(sig, signal.getsignal(sig)))
     return self
 
   def _handle(self, signum, frame):
@@ -110,11 +112,18 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains and evaluates `config` in `workdir`; returns the final metrics."""
+  """Trains and evaluates `config` in `workdir`; returns the final metrics.
+
+  Raises lock.WorkdirBusy if another process trains in `workdir`.
+  """
   config_lib.validate(config)
+  workdir = workdir_lib.prepare(workdir)
+  with lock.held(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   use_compilation_cache(config.compilation_cache_dir)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
 
   mesh = parallel.create_mesh()
@@ -124,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = steps_per_epoch * config.num_epochs
 
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
+  config_lib.validate_input_size(info, model.min_input_size, config.model)
   learning_rate_fn = optim.create_learning_rate_fn(
       config.learning_rate, config.lr_boundaries_epochs, config.lr_decay_factor, steps_per_epoch
   )
@@ -149,12 +159,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_checkpointer = checkpoints.Checkpointer(
         os.path.join(workdir, workdir_lib.BEST_DIR), keep=1, asynchronous=False
     )
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
+  restored = checkpointer.restore_latest_intact(state)
+  if restored is not None:
+    state = restored
     logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
   elif config.init_from:
     state = _init_from(state, config.init_from, model, init_rng, state_sharding)
   start_step = int(jax.device_get(state.step))
+  last_saved = checkpointer.latest_step()
 
   compiled_train_step = jax.jit(
       functools.partial(
@@ -176,77 +188,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       **_iterator_kwargs(config),
   )
 
+  if jax.process_index() == 0:
+    reporting.cut_metrics_back(workdir, start_step)
   writer = reporting.MetricWriter(workdir)
   progress = reporting.Progress(total_steps, start_step, enabled=config.progress_bar)
   throughput = reporting.Throughput()
   pending: list[dict[str, jax.Array]] = []
   best_accuracy = -1.0
   final: dict[str, float] = {}
-  try:
-    with _StopSignal() as stop:
-      for step in range(start_step + 1, total_steps + 1):
-        batch = parallel.global_batch(next(train_batches), mesh)
-        state, metrics = compiled_train_step(state, batch, dropout_rng)
-        pending.append(metrics)
-        epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
-        preempted = stop.received is not None or (
-            jax.process_count() > 1 and checkpointer.reached_preemption(step)
-        )
-        save = preempted or step == total_steps or (
-            epoch_end and epoch % config.checkpoint_every_epochs == 0
-        )
-
-        # Metrics are fetched (and checked for NaN) before anything is evaluated or saved.
-        if save or epoch_end or step % config.log_every_steps == 0:
-          summary = _summarize_train_metrics(pending, step, steps_per_epoch)
-          summary['images_per_second'] = throughput.images_per_second(len(pending) * config.batch_size)
-          pending = []
-          writer.write(step, step / steps_per_epoch, summary)
-          progress.update(step, summary)
-
-        if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
-          final = _prefixed(evaluate(state), 'eval', info.num_classes)
-          writer.write(step, epoch, final)
-          progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
-          if best_checkpointer and final['eval_accuracy'] > best_accuracy:
-            best_accuracy = final['eval_accuracy']
-            best_checkpointer.save(step, state)
-
-        if save:
-          checkpointer.save(step, state)
-        if preempted:
-          logging.warning('Stopped at step %d; run the same command again to resume.', step)
-          return {'step': step, 'preempted': 1.0}
-  finally:
-    progress.close()
+  try:  # The writer is closed on every exit: its background thread must not outlive the run.
     try:
-      checkpointer.wait()  # Raises CheckpointWriteError if the last write failed.
-    finally:
-      checkpointer.close()
+      with _StopSignal() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+          batch = parallel.global_batch(next(train_batches), mesh)
+          state, metrics = compiled_train_step(state, batch, dropout_rng)
+          pending.append(metrics)
+          epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
+          preempted = stop.received is not None or (
+              jax.process_count() > 1 and checkpointer.reached_preemption(step)
+          )
+          save = preempted or step == total_steps or (
+              epoch_end and epoch % config.checkpoint_every_epochs == 0
+          )
 
-  if config.ten_crop_eval:
-    ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
-    final.update(_prefixed(ten_crop, 'eval_ten_crop', info.num_classes))
-  if best_checkpointer is not None:
-    best_state = best_checkpointer.restore(state)
-    test = Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
-    final.update({'best_step': float(best_checkpointer.latest_step()), **_prefixed(test, 'test', info.num_classes)})
-    best_checkpointer.close()
-  writer.write(total_steps, config.num_epochs, {k: v for k, v in final.items() if not k.startswith('eval_')})
-  writer.close()
-  if jax.process_index() == 0:
-    reporting.plot_error_curves(workdir)
+          # Metrics are fetched and checked before anything is evaluated or saved: a non-finite state is never
+          # checkpointed.
+          if save or epoch_end or step % config.log_every_steps == 0:
+            summary = _summarize_train_metrics(pending, step, steps_per_epoch, last_saved)
+            summary['images_per_second'] = throughput.images_per_second(len(pending) * config.batch_size)
+            pending = []
+            writer.write(step, step / steps_per_epoch, summary)
+            progress.update(step, summary)
+
+          # Saved before the evaluation: a crash while evaluating must not lose the epoch.
+          if save:
+            checkpointer.save(step, state)
+            last_saved = step
+          if preempted:
+            logging.warning('Stopped at step %d; run the same command again to resume.', step)
+            return {'step': step, 'preempted': 1.0}
+          if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
+            final = _prefixed(evaluate(state), 'eval', info.num_classes)
+            writer.write(step, epoch, final)
+            progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
+            if best_checkpointer and final['eval_accuracy'] > best_accuracy:
+              best_accuracy = final['eval_accuracy']
+              best_checkpointer.save(step, state)
+    finally:
+      progress.close()
+      try:
+        checkpointer.wait()  # Raises CheckpointWriteError if the last write failed.
+      finally:
+        checkpointer.close()
+
+    if config.ten_crop_eval:
+      ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
+      final.update(_prefixed(ten_crop, 'eval_ten_crop', info.num_classes))
+    if best_checkpointer is not None:
+      best_state = best_checkpointer.restore(state)
+      test = Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
+      final.update({'best_step': float(best_checkpointer.latest_step()), **_prefixed(test, 'test', info.num_classes)})
+      best_checkpointer.close()
+    summary = {k: v for k, v in final.items() if not k.startswith('eval_')}
+    if summary:
+      writer.write(total_steps, config.num_epochs, summary)
+    if jax.process_index() == 0:
+      reporting.plot_error_curves(workdir)
+  finally:
+    writer.close()
   return {'step': total_steps, **final}
 
 
-def _summarize_train_metrics(pending, step: int, steps_per_epoch: int) -> dict[str, float]:
+def _summarize_train_metrics(pending, step: int, steps_per_epoch: int, last_saved: int | None) -> dict[str, float]:
+  """Means of the pending steps' metrics; raises TrainingDiverged if one of them left a non-finite state."""
   fetched = jax.device_get(pending)
   if not all(bool(m['finite']) for m in fetched):
     first_bad = step - len(fetched) + 1 + [bool(m['finite']) for m in fetched].index(False)
+    kept = (f'The last checkpoint is the one of step {last_saved}; no checkpoint was written after it.'
+            if last_saved is not None else 'No checkpoint was written.')
     raise TrainingDiverged(
-        f'The training loss became NaN or infinite at step {first_bad} (epoch '
-        f'{first_bad / steps_per_epoch:.2f}). No checkpoint was written after it; lower the learning '
-        'rate or check the data, then resume from the last checkpoint.'
+        f'The loss or the trained weights became NaN or infinite at step {first_bad} (epoch '
+        f'{first_bad / steps_per_epoch:.2f}). {kept} Lower the learning rate or check the data, then resume '
+        'from the last checkpoint.'
     )
   keys = ('train_loss', 'train_accuracy')
   summary = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
@@ -274,6 +297,9 @@ def evaluate_checkpoint(
   The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
   dtype, by default the workdir's own config.json (workdir.run_config).
   """
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f'No checkpoint at {checkpoint}: give a training workdir, one of its '
+                            'checkpoints/<step> directories, or converted weights.')
   config = workdir_lib.run_config(checkpoint) if config is None else config
   config_lib.validate(config)
   use_compilation_cache(config.compilation_cache_dir)

@@ -46,6 +46,39 @@ class MetricWriter:
       self._tensorboard.close()
 
 
+def _from_training(record: Mapping[str, float]) -> bool:
+  """Whether a metrics record was written by a training or evaluation step (not the run's final summary)."""
+  return any(k.startswith(('train_', 'eval_')) for k in record)
+
+
+def cut_metrics_back(workdir: str, step: int) -> None:
+  """Keeps the records of steps up to `step` (a resumed run's checkpoint) in metrics.jsonl, so that the steps
+  redone after a crash, and the final summary of a rerun, are logged once and in order.
+
+  The records of `step` itself are kept unless they are a final summary, which the run writes again. The file is
+  rewritten next to itself and renamed over the old one: a crash now leaves the old file or the new one.
+  """
+  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a crash while it was written
+      continue
+    if record['step'] < step or (record['step'] == step and _from_training(record)):
+      kept.append(json.dumps(record) + '\n')
+  if len(kept) == len(lines):
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):

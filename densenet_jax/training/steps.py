@@ -19,7 +19,7 @@ Batch = Mapping[str, jax.Array]
 
 
 class TrainingDiverged(RuntimeError):
-  """The training loss became NaN or infinite; the message names the step and what to do."""
+  """The loss or the trained state became NaN or infinite; the message names the step and what to do."""
 
 
 class TrainState(train_state.TrainState):
@@ -44,6 +44,12 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   k = min(k, logits.shape[-1])
   _, top = jax.lax.top_k(logits, k)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def all_finite(*trees: Any) -> jax.Array:
+  """A scalar bool: whether every floating-point value of `trees` is finite."""
+  leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +118,9 @@ def train_step(
       'train_loss': loss,
       'train_accuracy': correct,
       'learning_rate': learning_rate_fn(state.step),
-      'finite': jnp.isfinite(loss),
+      # Over the updated state as well: a finite loss can come with an overflowing update, and the state, not
+      # the loss, is what a checkpoint keeps.
+      'finite': all_finite(loss, new_state.params, new_state.batch_stats),
   }
   return new_state, metrics
 

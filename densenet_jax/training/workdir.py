@@ -20,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
 from densenet_jax import config as config_lib
@@ -36,7 +36,41 @@ CURVES_FILE = 'error_curves.png'
 IMAGENET_CLASSES = 1000
 
 # Fields that do not change what a run computes: a resumed run may change them.
-COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir'})
+COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir',
+                             'checkpoint_every_epochs', 'eval_every_epochs'})
+
+
+def prepare(workdir: str) -> str:
+  """Creates `workdir` if needed and checks that files can be written there; returns its absolute path.
+
+  Raises ConfigError naming the problem (a file in the way, a read-only or missing parent) before anything runs.
+  """
+  workdir = os.path.abspath(workdir)
+  probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as error:
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} cannot be used: {error.strerror or error} ({error.filename or workdir}). Give a '
+        'directory that can be created and written to (not a file, not under a file, not read-only).') from None
+  return workdir
+
+
+def _read_json(path: str) -> dict:
+  """A config.json, or ConfigError if it is unreadable (cut short by a crash, edited by hand)."""
+  try:
+    with open(path) as f:
+      resolved = json.load(f)
+    if not isinstance(resolved, dict):
+      raise ValueError('not a JSON object')
+  except ValueError as error:
+    raise config_lib.ConfigError(
+        f'{path} is not a valid config ({error}). It records the config of the run in that workdir: restore it '
+        f'from a copy, or delete it to continue the run with the config given now.') from None
+  return resolved
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bool = True) -> None:
@@ -47,12 +81,11 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bo
   path = os.path.join(workdir, CONFIG_FILE)
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
   if os.path.exists(path):
-    with open(path) as f:
-      previous = config_lib.with_defaults(json.load(f))  # A field added since the run started ran at its default.
+    previous = config_lib.with_defaults(_read_json(path))  # A field added since the run started ran at its default.
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in COSMETIC_FIELDS and previous.get(k) != resolved.get(k))
     if changed:
-      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed[:8])
+      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed)
       raise config_lib.ConfigError(
           f'{workdir} holds a run with another config ({details}). Use a new --workdir for a new run, or delete '
           f'{path} to resume that run with the new config anyway.'
@@ -81,8 +114,11 @@ def find_config(path: str) -> str | None:
 
 def read_config(config_path: str) -> ml_collections.ConfigDict:
   """A run's config.json, completed with the fields added since at their defaults."""
-  with open(config_path) as f:
-    return ml_collections.ConfigDict(config_lib.with_defaults(json.load(f)))
+  resolved = config_lib.with_defaults(_read_json(config_path))
+  reference = config_lib.get_config()
+  # JSON has no tuples: give tuple fields (lr_boundaries_epochs) back their type, which validate() checks.
+  return ml_collections.ConfigDict({
+      k: tuple(v) if isinstance(v, list) and isinstance(reference.get(k), tuple) else v for k, v in resolved.items()})
 
 
 def run_config(path: str) -> ml_collections.ConfigDict:
@@ -104,23 +140,37 @@ def run_config(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def checkpoint_path(path: str) -> str:
-  """The checkpoint `path` means: a workdir's latest complete checkpoint, or `path` itself."""
+def checkpoint_candidates(path: str) -> list[str]:
+  """The checkpoints `path` means, best first: a workdir's complete checkpoints newest first, or `path` itself."""
   path = os.path.abspath(path)
   directory = os.path.join(path, CHECKPOINTS_DIR)
-  if not os.path.isdir(directory):
-    return path
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{path} is a workdir without any complete checkpoint.')
-  return os.path.join(directory, str(step))
+  is_workdir = os.path.isdir(directory) or os.path.isfile(os.path.join(path, CONFIG_FILE))
+  if not is_workdir:
+    return [path]
+  steps = checkpoints.complete_steps(directory)
+  if not steps:
+    raise FileNotFoundError(
+        f'{path} is a workdir without any complete checkpoint (its run has not finished an epoch yet, or its '
+        'checkpoints were set aside as damaged); train it first, or give a checkpoint directory.')
+  return [os.path.join(directory, str(step)) for step in reversed(steps)]
+
+
+def checkpoint_path(path: str) -> str:
+  """The checkpoint `path` means: a workdir's latest complete checkpoint, or `path` itself."""
+  return checkpoint_candidates(path)[0]
 
 
 def load_variables(path: str) -> dict[str, Any]:
-  """{'params', 'batch_stats'} as numpy arrays from a workdir (its latest checkpoint), one of its checkpoints, or
-  converted weights."""
-  return checkpoints.load_variables(checkpoint_path(path))
+  """{'params', 'batch_stats'} as numpy arrays from a workdir (its newest intact checkpoint), one of its
+  checkpoints, or converted weights. A damaged checkpoint of a workdir is skipped with a warning (not set aside:
+  the run owning the workdir may be running)."""
+  *newer, oldest = checkpoint_candidates(path)
+  for candidate in newer:
+    try:
+      return checkpoints.load_variables(candidate)
+    except checkpoints.CheckpointCorruptError as error:
+      logging.warning('Skipping %s: %s', candidate, error)
+  return checkpoints.load_variables(oldest)
 
 
 def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, Any]]:
@@ -132,7 +182,7 @@ def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, An
   """
   path = os.path.abspath(path)
   variables = load_variables(path)
-  options = dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0, **overrides)
+  options = {**dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0), **overrides}
   config_path = find_config(path)
   if config_path is not None:
     params = variables['params']
@@ -172,4 +222,9 @@ def _check_fits(model: model_lib.DenseNet, variables: Mapping[str, Any], path: s
   if want != got:
     wrong = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     details = '; '.join(f'{k}: model {want.get(k)}, checkpoint {got.get(k)}' for k in wrong[:5])
-    raise ValueError(f'The weights at {path} do not fit the recorded architecture ({details}).')
+    recorded = find_config(path) or 'their metadata'
+    raise model_lib.WeightMismatchError(
+        f'The weights at {path} do not fit the architecture recorded with them in {recorded} ({details}): another model wrote them. Evaluate or fine-tune them with the config of the run '
+        'that wrote them.', missing=[k for k in wrong if k not in got], unexpected=[k for k in wrong if k not in want],
+        mismatched=[(k, got[k], want[k]) for k in wrong if k in got and k in want])
+

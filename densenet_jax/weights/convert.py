@@ -211,7 +211,9 @@ def convert(source: Mapping[str, np.ndarray], model, fmt: formats.Format, source
   variables: Variables = {'params': {}, 'batch_stats': {}}
   for key, leaf in expected.items():
     array = fmt.to_flax(leaf.path, np.asarray(source[key]))
-    _set(variables[leaf.collection], leaf.path, np.ascontiguousarray(array, dtype=leaf.dtype))
+    # A copy: np.asarray of a CPU torch tensor shares its memory, and the caller may go on changing the tensor
+    # (training, load_state_dict) after converting.
+    _set(variables[leaf.collection], leaf.path, np.array(array, dtype=leaf.dtype, order='C', copy=True))
   return variables
 
 

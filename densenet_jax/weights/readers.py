@@ -168,6 +168,22 @@ def _read_keras3_h5(path, name: str, num_classes: int | None):
   return convert.keras_model_weights(keras_model)
 
 
+def _check_zip(path: str) -> None:
+  """A .keras file is a zip archive; Keras reports a truncated one as 'File not found', so check it here."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+
+  try:
+    with zipfile.ZipFile(path) as archive:
+      damaged = archive.testzip()
+  except (zipfile.BadZipFile, OSError, EOFError) as error:
+    raise WeightFileError(
+        f'{path!r} exists but is not a readable .keras file (a zip archive): {error}. It is probably truncated '
+        '(an interrupted download or copy); download or save it again.') from error
+  if damaged is not None:
+    raise WeightFileError(f'{path!r} is a damaged .keras file: the entry {damaged!r} fails its CRC check; '
+                          'download or save it again.')
+
+
 def _import_keras(path):
   try:
     import keras
@@ -187,6 +203,7 @@ def read_keras_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
   if fmt != 'keras':
     raise WeightFileError(f'{path!r} is not a Keras file: use read_state_dict.')
   if path.lower().endswith('.keras'):
+    _check_zip(path)
     keras = _import_keras(path)
     try:
       keras_model = keras.saving.load_model(path, compile=False)
