@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -11,11 +12,13 @@ import pytest
 
 from densenet_jax import model as model_lib
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 import bench  # noqa: E402
 import block_forms  # noqa: E402
 import compile_parts  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 TINY_MODEL = ['--model', 'tiny', '--batch', '2', '--image_size', '8']
 TINY = [*TINY_MODEL, '--steps', '1', '--rounds', '2']
@@ -31,12 +34,16 @@ def tiny_model(monkeypatch):
 def test_bench_against_pytorch_writes_the_promised_json(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'result.json'
-  bench.main([*TINY, '--reference', 'torch', '--json', str(out)])
+  # A fresh process, as bench.py runs: PyPI's PyTorch loads its compiler stack (triton) in the optimizer, which
+  # crashes beside TensorFlow's libraries, imported in this test process by other tests.
+  subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'bench.py'), '--model', 'densenet_l40_k12',
+                  '--batch', '2', '--image_size', '8', '--steps', '1', '--rounds', '2', '--reference', 'torch',
+                  '--json', str(out)], check=True, cwd=ROOT, capture_output=True, timeout=600)
   result = json.loads(out.read_text())
   for key in ('model', 'batch', 'image_size', 'dtype', 'memory_efficient', 'device', 'images_per_second',
               'compile_seconds', 'temp_bytes', 'eval_images_per_second', 'xla_flags'):
     assert key in result, key
-  assert result['model'] == 'tiny' and result['image_size'] == 8 and result['temp_bytes'] > 0
+  assert result['model'] == 'densenet_l40_k12' and result['image_size'] == 8 and result['temp_bytes'] > 0
   reference = result['reference']
   assert reference['implementation'].startswith('PyTorch') and reference['images_per_second'] > 0
   assert result['speedup_vs_reference'] == pytest.approx(
@@ -45,7 +52,7 @@ def test_bench_against_pytorch_writes_the_promised_json(tmp_path):
 
 def test_bench_measures_memory_efficient_against_the_plain_model():
   result = bench.run(bench.parse_args([*TINY, '--memory_efficient', '--reference', 'plain', '--skip_eval']))
-  assert result['memory_efficient'] and result['reference']['implementation'].endswith('memory_efficient=False')
+  assert result['memory_efficient'] and 'memory_efficient=False' in result['reference']['implementation']
   # Rematerialization keeps less for the backward pass (conftest sets the XLA flag train.py sets).
   assert result['temp_bytes'] < result['reference']['temp_bytes']
 
@@ -56,7 +63,7 @@ def test_bench_refuses_a_plain_reference_without_memory_efficient():
 
 
 def test_bench_measures_other_xla_options_against_the_defaults():
-  options = json.dumps(bench.YNNPACK_CONVOLUTIONS)
+  options = json.dumps(common.YNNPACK_CONVOLUTIONS)
   result = bench.run(bench.parse_args([*TINY, '--reference', 'xla_options', '--xla_options', options, '--skip_eval']))
   assert result['reference']['implementation'].endswith(f'XLA options {options}')
   assert result['reference']['images_per_second'] > 0 and result['speedup_vs_reference'] > 0
