@@ -50,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.gradient_accumulation_steps = 1  # split each batch into this many sequential micro-batches
   config.num_epochs = 300
   config.learning_rate = 0.1
+  # Large batches (Goyal et al. 2017, https://arxiv.org/abs/1706.02677); the paper uses neither. An integer n:
+  # learning_rate is the rate per n images, scaled linearly to batch_size (0.1 per 256 is 1.6 at batch 4096).
+  config.lr_reference_batch_size = ml_collections.FieldReference(None, field_type=int)
+  # Epochs of linear warmup from 0 to the peak rate before the step schedule (whose boundaries do not move).
+  config.warmup_epochs = 0.0
   config.lr_boundaries_epochs = (150, 225)  # the learning rate is divided by 10 at each
   config.lr_decay_factor = 0.1
   config.momentum = 0.9
@@ -145,7 +150,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}.')
   if config.learning_rate <= 0:
     raise ConfigError(f'config.learning_rate must be positive, got {config.learning_rate}.')
+  if config.lr_reference_batch_size is not None and config.lr_reference_batch_size < 1:
+    raise ConfigError(f'config.lr_reference_batch_size must be a positive number of images (e.g. 256) or None, '
+                      f'got {config.lr_reference_batch_size}.')
   boundaries = list(config.lr_boundaries_epochs)
+  if not 0 <= config.warmup_epochs < config.num_epochs or (boundaries and config.warmup_epochs > boundaries[0]):
+    raise ConfigError(
+        f'config.warmup_epochs={config.warmup_epochs} must be >= 0 and end before the run ends '
+        f'(num_epochs={config.num_epochs}) and by the first learning-rate boundary '
+        f'({boundaries[0] if boundaries else "none"}).'
+    )
   if boundaries != sorted(boundaries) or any(not 0 < b < config.num_epochs for b in boundaries):
     raise ConfigError(
         f'config.lr_boundaries_epochs={tuple(boundaries)} must be increasing epochs inside the run '

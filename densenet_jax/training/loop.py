@@ -124,12 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = steps_per_epoch * config.num_epochs
 
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
-  learning_rate_fn = optim.create_learning_rate_fn(
-      config.learning_rate, config.lr_boundaries_epochs, config.lr_decay_factor, steps_per_epoch
-  )
-  tx = optim.create_optimizer(
-      learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-  )
+  learning_rate_fn, tx = optim.from_config(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   replicated = parallel.replicated(mesh)
   abstract_state = jax.eval_shape(
