@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   # n > 0: compute each dense block n layers at a time under jax.lax.scan (needs memory_efficient): the
   # same model, several times faster to compile (docs/performance.md). 0: every layer written out.
   config.layers_per_scan = 0
+  # Examples per BatchNorm statistics group in training (e.g. the per-device batch: per-device BatchNorm, as
+  # Goyal et al. 2017 use for large batches). None: the whole global batch, the statistics of one device's run.
+  config.batch_norm_group_size = ml_collections.FieldReference(None, field_type=int)
   config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
   # How convolutions are written for the compiler (densenet_jax/model/kernels.py): 'xla', 'cpu', or None for the
   # measured default of the backend the run computes on. Every choice computes the same function.
@@ -171,6 +174,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.batch_size={config.batch_size} is not divisible by '
         f'config.gradient_accumulation_steps={config.gradient_accumulation_steps}.'
     )
+  group = config.batch_norm_group_size
+  micro_batch = config.batch_size // config.gradient_accumulation_steps
+  if group is not None and (group < 1 or micro_batch % group):
+    raise ConfigError(
+        f'config.batch_norm_group_size={group} must divide the batch of each step, batch_size / '
+        f'gradient_accumulation_steps = {micro_batch}; or use None for the whole batch.'
+    )
 
 
 def validate_against_data(config: ml_collections.ConfigDict, info: data.DatasetInfo, device_count: int) -> None:
@@ -181,6 +191,12 @@ def validate_against_data(config: ml_collections.ConfigDict, info: data.DatasetI
         f'config.batch_size={config.batch_size} must be divisible by the number of devices '
         f'({device_count}) times config.gradient_accumulation_steps '
         f'({config.gradient_accumulation_steps}) = {per_step}. Use a multiple of {per_step}.'
+    )
+  group, per_device = config.batch_norm_group_size, config.batch_size // per_step
+  if group is not None and group % per_device and per_device % group:
+    raise ConfigError(
+        f'config.batch_norm_group_size={group} must be a multiple or a divisor of the per-device batch '
+        f'({per_device} on {device_count} devices), so that each group lies on whole devices.'
     )
   if config.eval_split not in info.eval_splits:
     raise ConfigError(
