@@ -117,9 +117,19 @@ def test_tiny_model_compiles_for_a_v5e_slice(tmp_path):
   assert train['memory']['alias'] > 0  # the state is donated, as loop.py does
   assert train['flops_per_chip'] > run['steps']['eval']['flops_per_chip'] > 0
   assert train['roofline']['images_per_second_per_chip'] > 0
-  # Data parallel over 4 chips: gradients and BatchNorm statistics are all-reduced over all 4.
+  # Data parallel over 4 chips: gradients and the statistics of every BatchNorm are all-reduced over all 4.
   assert train['collectives']['all-reduce']['group_sizes'] == [4]
+  assert train['collectives']['all-reduce']['ops'] > 30
   assert 'train step' in result.stdout and 'img/s per chip' in result.stdout
+
+
+@needs_libtpu
+def test_batch_norm_groups_of_the_per_chip_batch_need_no_statistics_all_reduce(tmp_path):
+  result, run = run_tool(tmp_path, 'v5e:2x2', 'cifar10', 8, '--steps=train', '--config.batch_norm_group_size=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Each chip normalizes with its own statistics: what is left is the gradient all-reduce and the running averages
+  # (the mean of the groups' statistics), which XLA combines; nothing on the path of the normalization.
+  assert run['steps']['train']['collectives']['all-reduce']['ops'] <= 2
 
 
 @needs_libtpu
