@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   # n > 0: compute each dense block n layers at a time under jax.lax.scan (needs memory_efficient): the
   # same model, several times faster to compile (docs/performance.md). 0: every layer written out.
   config.layers_per_scan = 0
+  # Examples per BatchNorm statistics group in training (e.g. the per-device batch: per-device BatchNorm, as
+  # Goyal et al. 2017 use for large batches). None: the whole global batch, the statistics of one device's run.
+  config.batch_norm_group_size = ml_collections.FieldReference(None, field_type=int)
   config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
   # How convolutions are written for the compiler (densenet_jax/model/kernels.py): 'xla', 'cpu', or None for the
   # measured default of the backend the run computes on. Every choice computes the same function.
@@ -50,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.gradient_accumulation_steps = 1  # split each batch into this many sequential micro-batches
   config.num_epochs = 300
   config.learning_rate = 0.1
+  # Large batches (Goyal et al. 2017, https://arxiv.org/abs/1706.02677); the paper uses neither. An integer n:
+  # learning_rate is the rate per n images, scaled linearly to batch_size (0.1 per 256 is 1.6 at batch 4096).
+  config.lr_reference_batch_size = ml_collections.FieldReference(None, field_type=int)
+  # Epochs of linear warmup from 0 to the peak rate before the step schedule (whose boundaries do not move).
+  config.warmup_epochs = 0.0
   config.lr_boundaries_epochs = (150, 225)  # the learning rate is divided by 10 at each
   config.lr_decay_factor = 0.1
   config.momentum = 0.9
@@ -157,7 +165,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'boundary), got {config.lr_decay_factor}.')
   if config.weight_decay < 0:
     raise ConfigError(f'config.weight_decay must be 0 or more (the paper uses 1e-4), got {config.weight_decay}.')
+  if config.lr_reference_batch_size is not None and config.lr_reference_batch_size < 1:
+    raise ConfigError(f'config.lr_reference_batch_size must be a positive number of images (e.g. 256) or None, '
+                      f'got {config.lr_reference_batch_size}.')
   boundaries = list(config.lr_boundaries_epochs)
+  if not 0 <= config.warmup_epochs < config.num_epochs or (boundaries and config.warmup_epochs > boundaries[0]):
+    raise ConfigError(
+        f'config.warmup_epochs={config.warmup_epochs} must be >= 0 and end before the run ends '
+        f'(num_epochs={config.num_epochs}) and by the first learning-rate boundary '
+        f'({boundaries[0] if boundaries else "none"}).'
+    )
   if boundaries != sorted(boundaries) or any(not 0 < b < config.num_epochs for b in boundaries):
     raise ConfigError(
         f'config.lr_boundaries_epochs={tuple(boundaries)} must be increasing epochs inside the run '
@@ -168,6 +185,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'config.batch_size={config.batch_size} is not divisible by '
         f'config.gradient_accumulation_steps={config.gradient_accumulation_steps}.'
+    )
+  group = config.batch_norm_group_size
+  micro_batch = config.batch_size // config.gradient_accumulation_steps
+  if group is not None and (group < 1 or micro_batch % group):
+    raise ConfigError(
+        f'config.batch_norm_group_size={group} must divide the batch of each step, batch_size / '
+        f'gradient_accumulation_steps = {micro_batch}; or use None for the whole batch.'
     )
 
 
@@ -189,6 +213,12 @@ def validate_against_data(config: ml_collections.ConfigDict, info: data.DatasetI
         f'config.batch_size={config.batch_size} must be divisible by the number of devices '
         f'({device_count}) times config.gradient_accumulation_steps '
         f'({config.gradient_accumulation_steps}) = {per_step}. Use a multiple of {per_step}.'
+    )
+  group, per_device = config.batch_norm_group_size, config.batch_size // per_step
+  if group is not None and group % per_device and per_device % group:
+    raise ConfigError(
+        f'config.batch_norm_group_size={group} must be a multiple or a divisor of the per-device batch '
+        f'({per_device} on {device_count} devices), so that each group lies on whole devices.'
     )
   if config.eval_split not in info.eval_splits:
     raise ConfigError(

@@ -36,6 +36,7 @@ class LayerSpec:
   dtype: Any
   kernels: kernel_sets.Kernels
   epsilon: float = layers.BATCH_NORM_EPSILON
+  batch_norm_group_size: int | None = None  # examples per BatchNorm statistics group; None: the whole batch
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -65,7 +66,7 @@ def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | 
 
   `stats` None: training, normalize with z's batch moments.
   """
-  stats = layers.moments(z) if stats is None else stats
+  stats = layers.moments(z, spec.batch_norm_group_size) if stats is None else stats
   norm = params['norm2']
   y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   new = spec.kernels.conv3x3(y, params['conv2']['kernel'].astype(spec.dtype))

@@ -51,6 +51,7 @@ class _Module(nn.Module):
 
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  batch_norm_group_size: int | None = None
 
   def batch_norm(self, channels: int, name: str) -> layers.BatchNorm:
     return layers.BatchNorm(channels, BATCH_NORM_MOMENTUM, self.param_dtype, name=name)
@@ -59,7 +60,7 @@ class _Module(nn.Module):
     # Every BatchNorm of DenseNet is followed by a ReLU.
     norm = self.batch_norm(sum(f.shape[-1] for f in features), name)
     return layers.batch_norm_relu(norm, features, train, epsilon=BATCH_NORM_EPSILON, dtype=self.dtype,
-                                  batch_moments=batch_moments)
+                                  batch_moments=batch_moments, group_size=self.batch_norm_group_size)
 
   def conv_kernel(self, name: str, kernel: int, in_channels: int, out_channels: int) -> Array:
     # The variable of nn.Conv(use_bias=False): {name: {'kernel': (kh, kw, in, out)}}.
@@ -104,8 +105,9 @@ class DenseLayer(_Module):
       params['conv1'] = {'kernel': self.conv_kernel('conv1', 3, width, spec.growth_rate)}
 
     if train:
-      stats = Moments(*(jnp.concatenate(m) for m in zip(*feature_moments)))
-      norm1.update(stats, layers.examples_per_channel(features[0]))
+      stats = Moments(*(jnp.concatenate(m, axis=-1) for m in zip(*feature_moments)))
+      count = layers.examples_per_channel(features[0], self.batch_norm_group_size)
+      norm1.update(stats, count)
       bottleneck_stats = None
     else:
       stats = norm1.running()
@@ -121,7 +123,6 @@ class DenseLayer(_Module):
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT))
     new, used_bottleneck_stats = layer(params, tuple(features), stats, bottleneck_stats, key)
     if train and spec.bottleneck:
-      count = layers.examples_per_channel(features[0])
       norm2.update(jax.tree.map(jax.lax.stop_gradient, used_bottleneck_stats), count)
     return new
 
@@ -143,7 +144,7 @@ class DenseBlock(_Module):
 
   def layer_spec(self) -> LayerSpec:
     return LayerSpec(self.growth_rate, self.bottleneck, self.dropout_rate, self.dtype,
-                     kernel_sets.resolve(self.kernels))
+                     kernel_sets.resolve(self.kernels), batch_norm_group_size=self.batch_norm_group_size)
 
   def layer_keys(self, train: bool) -> list[Array | None]:
     """One dropout key per layer, split from one block key: the same in the unrolled and scanned forms."""
@@ -159,14 +160,15 @@ class DenseBlock(_Module):
       return self._scanned(spec, x, train, keys)
     features = [x]
     # A channel's batch statistics are the same for every layer that reads it: computed once.
-    feature_moments = [layers.moments(x)] if train else None
+    group_size = self.batch_norm_group_size
+    feature_moments = [layers.moments(x, group_size)] if train else None
     for i in range(self.num_layers):
       new = DenseLayer(spec=spec, memory_efficient=self.memory_efficient, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=f'layer{i + 1}')(features, feature_moments, train, keys[i])
+                       param_dtype=self.param_dtype, batch_norm_group_size=group_size, name=f'layer{i + 1}')(features, feature_moments, train, keys[i])
       new = spec.kernels.new_feature(new)
       features.append(new)
       if train:
-        feature_moments.append(layers.moments(new))
+        feature_moments.append(layers.moments(new, group_size))
     return jnp.concatenate(features, axis=-1)
 
   def _scanned(self, spec: LayerSpec, x: Array, train: bool, keys: list[Array | None]) -> Array:
@@ -178,7 +180,7 @@ class DenseBlock(_Module):
     if not train:
       return scanned_block.evaluate(block, x, params, running)
     output, batch = scanned_block.train(block, x, params, keys)
-    count = layers.examples_per_channel(x)
+    count = layers.examples_per_channel(x, self.batch_norm_group_size)
     # Like every BatchNorm, a train-mode call needs mutable=['batch_stats'] (flax raises otherwise).
     for name, layer_running, layer_batch in zip(names, running, batch):
       self.put_variable('batch_stats', name, {
@@ -229,6 +231,10 @@ class DenseNet(_Module):
       whose memory it keeps by construction.
     kernels: how convolutions are written for the compiler (kernels.py): 'xla', 'cpu', or None for the
       default of the backend the model runs on. Every choice computes the same function.
+    batch_norm_group_size: examples per BatchNorm statistics group in training: the batch is split into
+      consecutive groups of this many examples, each normalized with its own statistics (per-device BatchNorm
+      when it is the per-device batch; the groups are reduced only over the devices that hold them). The running
+      averages follow the mean of the groups' statistics. None: the whole (global) batch is one group.
     input_channels: channels the input images must have (checked, with a clear message).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
   """
@@ -301,7 +307,7 @@ class DenseNet(_Module):
     self._check_input(x)
     self._check_options()
     x = jnp.asarray(x, self.dtype)
-    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, batch_norm_group_size=self.batch_norm_group_size)
     stages = {}
 
     imagenet = self.stem == 'imagenet'

@@ -9,6 +9,12 @@
   running-average update, for callers that normalize with the pure functions.
 * `batch_norm_relu`: ReLU(BatchNorm(concatenate(features))) with a `BatchNorm`'s variables.
 
+With a `group_size` (`batch_norm_group_size` of DenseNet), the batch is split into consecutive groups of that many
+examples and each group is normalized with its own statistics, as per-device BatchNorm does (Goyal et al. 2017 use
+groups of 32 for large batches): moments are then of shape (groups, channels), and the running averages move
+towards their mean over the groups. Under jit with the batch sharded over devices, a group that one device holds is
+reduced on that device alone, and a group spread over k devices only across those k.
+
 Running variances are updated with the unbiased batch variance (n / (n - 1) times the biased one), as the original
 Torch code and PyTorch do, so that a converted model fine-tunes alike in both frameworks; normalization uses the
 biased one, as every framework does. tests/test_layers.py checks all of it against a float64 reference.
@@ -33,27 +39,43 @@ BATCH_NORM_EPSILON = 1e-5
 
 
 class Moments(NamedTuple):
-  """Per-channel batch mean and (biased) variance of one feature map, in float32."""
+  """Per-channel batch mean and (biased) variance of one feature map, in float32: shape (channels,), or
+  (groups, channels) for group statistics; channels are always the last axis."""
 
   mean: Array
   var: Array
 
 
-def moments(x: Array) -> Moments:
-  """Batch statistics over every axis but the last, in float32.
+def _grouped(x: Array, group_size: int | None) -> Array | None:
+  """x as (groups, group_size, ...), or None when the whole batch is one group."""
+  if group_size is None or group_size == x.shape[0]:
+    return None
+  if group_size < 1 or x.shape[0] % group_size:
+    raise ValueError(f'A batch of {x.shape[0]} examples cannot be split into BatchNorm groups of {group_size}.')
+  return x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:])
+
+
+def moments(x: Array, group_size: int | None = None) -> Moments:
+  """Batch statistics over every axis but the last, in float32; per group of `group_size` examples if given.
 
   The variance is E[(x - E[x])^2] (two passes over x), not the one-pass E[x^2] - E[x]^2: that one cancels
   catastrophically when |mean| >> std, and its gradient loses a factor (mean / std)^2 of precision.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  axes = tuple(range(x.ndim - 1))
-  mean = jnp.mean(x, axes)
-  return Moments(mean, jnp.mean(jnp.square(x - mean), axes))
+  groups = _grouped(x, group_size)
+  if groups is None:
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    return Moments(mean, jnp.mean(jnp.square(x - mean), axes))
+  axes = tuple(range(1, groups.ndim - 1))
+  mean = jnp.mean(groups, axes, keepdims=True)
+  var = jnp.mean(jnp.square(groups - mean), axes)
+  return Moments(mean.reshape(var.shape), var)
 
 
-def examples_per_channel(x: Array) -> int:
-  """How many values each channel's batch statistics average over (batch x height x width)."""
-  return math.prod(x.shape[:-1])
+def examples_per_channel(x: Array, group_size: int | None = None) -> int:
+  """How many values each channel's batch statistics average over (batch or group x height x width)."""
+  return math.prod(x.shape[1:-1]) * (group_size or x.shape[0])
 
 
 def running_average(running: Array, batch: Array, momentum: float) -> Array:
@@ -64,15 +86,24 @@ def running_average(running: Array, batch: Array, momentum: float) -> Array:
 def updated_running(running: Moments, batch: Moments, count: int, momentum: float) -> Moments:
   """Running mean and variance after one batch of `count` values per channel (unbiased variance)."""
   unbiased = batch.var * (count / max(count - 1, 1))
-  return Moments(running_average(running.mean, batch.mean, momentum),
-                 running_average(running.var, unbiased, momentum))
+  mean = batch.mean
+  if mean.ndim == 2:  # group statistics: the mean over the groups
+    mean, unbiased = mean.mean(axis=0), unbiased.mean(axis=0)
+  return Moments(running_average(running.mean, mean, momentum), running_average(running.var, unbiased, momentum))
 
 
 def normalize_relu(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
-  """relu((x - mean) * rsqrt(var + eps) * scale + bias) in float32, as relu(x * a + b), cast to `dtype`."""
+  """relu((x - mean) * rsqrt(var + eps) * scale + bias) in float32, as relu(x * a + b), cast to `dtype`.
+
+  `stats` of shape (groups, channels) normalize each of `groups` consecutive parts of the batch with its own row.
+  """
   a = jax.lax.rsqrt(stats.var + epsilon) * scale.astype(jnp.float32)
   b = bias.astype(jnp.float32) - stats.mean * a
-  return nn.relu(x.astype(jnp.float32) * a + b).astype(dtype)
+  if a.ndim == 1:
+    return nn.relu(x.astype(jnp.float32) * a + b).astype(dtype)
+  groups = x.reshape(a.shape[0], -1, *x.shape[1:]).astype(jnp.float32)
+  per_group = (a.shape[0],) + (1,) * (x.ndim - 1) + (a.shape[-1],)
+  return nn.relu(groups * a.reshape(per_group) + b.reshape(per_group)).reshape(x.shape).astype(dtype)
 
 
 class BatchNorm(nn.Module):
@@ -115,16 +146,17 @@ def batch_norm_relu(
     epsilon: float,
     dtype: Dtype,
     batch_moments: Sequence[Moments] | None = None,
+    group_size: int | None = None,
 ) -> Array:
   """ReLU(BatchNorm(concatenate(features, axis=-1))) with `norm`'s variables; train mode updates them.
 
   `batch_moments[i]` are moments(features[i]) when the caller already has them (a dense block computes each
-  feature map's once). The concatenation is written once, already normalized: it is the next convolution's input.
+  feature map's once); `group_size`: examples per statistics group (None: the whole batch). The concatenation is written once, already normalized: it is the next convolution's input.
   """
   if train:
-    batch_moments = batch_moments or [moments(f) for f in features]
-    stats = Moments(*(jnp.concatenate(m) for m in zip(*batch_moments)))
-    norm.update(stats, examples_per_channel(features[0]))
+    batch_moments = batch_moments or [moments(f, group_size) for f in features]
+    stats = Moments(*(jnp.concatenate(m, axis=-1) for m in zip(*batch_moments)))
+    norm.update(stats, examples_per_channel(features[0], group_size))
   else:
     stats = norm.running()
   # XLA fuses the concatenation into the normalization: one pass reads the maps and writes the result.

@@ -120,6 +120,7 @@ def from_config(config: Any, *, num_classes: int, input_channels: int, **overrid
       memory_efficient=config.memory_efficient,
       layers_per_scan=config.layers_per_scan,
       kernels=config.get('kernels'),
+      batch_norm_group_size=config.get('batch_norm_group_size'),
       dtype=jnp.dtype(config.dtype),
       input_channels=input_channels,
   ) | overrides

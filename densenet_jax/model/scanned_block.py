@@ -112,7 +112,7 @@ def _forward(spec, x, group_params, group_keys, group_stats):
   buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, 0, axis=-1)
   carry_moments = None
   if train:
-    first = layers.moments(x)
+    first = layers.moments(x, spec.layer.batch_norm_group_size)
     carry_moments = Moments(*(_pad_last(m, spec.output_channels) for m in first))
 
   saved = []
@@ -124,7 +124,7 @@ def _forward(spec, x, group_params, group_keys, group_stats):
       buffer, block_moments = carry
       index, params, key, stats = row
       bottom_key, top_key = dense_layer.dropout_keys(key)
-      norm1 = Moments(*(m[:group_width] for m in block_moments)) if train else Moments(**stats['norm1'])
+      norm1 = Moments(*(m[..., :group_width] for m in block_moments)) if train else Moments(**stats['norm1'])
       z = dense_layer.dense_layer_bottom(spec.layer, params, buffer[..., :group_width], norm1, bottom_key)
       new, z_moments = z, None
       if spec.layer.bottleneck:
@@ -134,8 +134,8 @@ def _forward(spec, x, group_params, group_keys, group_stats):
       buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), position, axis=-1)
       if train:
         block_moments = Moments(*(
-            jax.lax.dynamic_update_slice_in_dim(m, new_m, position, axis=0)
-            for m, new_m in zip(block_moments, layers.moments(new))
+            jax.lax.dynamic_update_slice_in_dim(m, new_m, position, axis=-1)
+            for m, new_m in zip(block_moments, layers.moments(new, spec.layer.batch_norm_group_size))
         ))
       keep = (z, z_moments) if train and spec.layer.bottleneck else None
       return (buffer, block_moments), keep
@@ -167,12 +167,13 @@ def _train_backward(spec, residuals, cotangents):
   d_buffer = cotangents[0]  # The moments are statistics for the running averages: not differentiated.
   d_moments = Moments(*(jnp.zeros_like(m) for m in block_moments))
   growth = spec.growth_rate
+  moments = functools.partial(layers.moments, group_size=spec.layer.batch_norm_group_size)
 
   d_group_params = []
   for group, params, keys, z in reversed(list(zip(spec.groups(), group_params, group_keys, bottlenecks))):
     group_width = spec.input_width(group[-1])
     inputs = buffer[..., :group_width]
-    norm1 = Moments(*(m[:group_width] for m in block_moments))
+    norm1 = Moments(*(m[..., :group_width] for m in block_moments))
 
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
@@ -183,8 +184,8 @@ def _train_backward(spec, residuals, cotangents):
       # Every later layer has added its share of this layer's output gradient; add the share that
       # flows through the batch moments of the new channels.
       d_new = jax.lax.dynamic_slice_in_dim(d_buffer, position, growth, axis=-1)
-      d_new_moments = Moments(*(jax.lax.dynamic_slice_in_dim(d, position, growth) for d in d_moments))
-      d_new = d_new + jax.vjp(layers.moments, new)[1](d_new_moments)[0]
+      d_new_moments = Moments(*(jax.lax.dynamic_slice_in_dim(d, position, growth, axis=-1) for d in d_moments))
+      d_new = d_new + jax.vjp(moments, new)[1](d_new_moments)[0]
 
       def bottom(inputs, norm1, params):
         return dense_layer.dense_layer_bottom(spec.layer, params, inputs, norm1, bottom_key)
@@ -202,7 +203,7 @@ def _train_backward(spec, residuals, cotangents):
       if d_params_top is not None:
         d_params = jax.tree.map(jnp.add, d_params, d_params_top)
       d_buffer = d_buffer.at[..., :group_width].add(d_inputs)
-      d_moments = Moments(*(d.at[:group_width].add(dn) for d, dn in zip(d_moments, d_norm1)))
+      d_moments = Moments(*(d.at[..., :group_width].add(dn) for d, dn in zip(d_moments, d_norm1)))
       return (d_buffer, d_moments), d_params
 
     rows = (jnp.arange(group.start, group.stop), params, keys, z)
@@ -210,7 +211,7 @@ def _train_backward(spec, residuals, cotangents):
     d_group_params.append(d_params)
 
   c0 = spec.input_channels
-  d_x = d_buffer[..., :c0] + jax.vjp(layers.moments, x)[1](Moments(*(d[:c0] for d in d_moments)))[0]
+  d_x = d_buffer[..., :c0] + jax.vjp(moments, x)[1](Moments(*(d[..., :c0] for d in d_moments)))[0]
   return d_x.astype(x.dtype), d_group_params[::-1], jax.tree.map(lambda _: None, group_keys)
 
 
@@ -244,7 +245,7 @@ def train(spec: BlockSpec, x: Array, params: Sequence[Tree], layer_keys: Sequenc
   for group, group_moments in zip(spec.groups(), bottleneck_moments):
     for row, i in enumerate(group):
       width = spec.input_width(i)
-      layer_stats = {'norm1': Moments(*(m[:width] for m in block_moments))}
+      layer_stats = {'norm1': Moments(*(m[..., :width] for m in block_moments))}
       if group_moments is not None:
         layer_stats['norm2'] = Moments(*(jax.lax.stop_gradient(m[row]) for m in group_moments))
       stats.append(layer_stats)

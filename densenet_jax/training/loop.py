@@ -134,12 +134,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
   config_lib.validate_input_size(info, model.min_input_size, config.model)
-  learning_rate_fn = optim.create_learning_rate_fn(
-      config.learning_rate, config.lr_boundaries_epochs, config.lr_decay_factor, steps_per_epoch
-  )
-  tx = optim.create_optimizer(
-      learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-  )
+  learning_rate_fn, tx = optim.from_config(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   replicated = parallel.replicated(mesh)
   abstract_state = jax.eval_shape(

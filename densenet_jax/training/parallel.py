@@ -26,9 +26,9 @@ def maybe_initialize_distributed() -> None:
     )
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh named 'data' over all devices of all processes."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices`, by default all devices of all processes."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
