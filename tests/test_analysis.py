@@ -225,7 +225,7 @@ def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
   config.architecture.depth = 16  # the same workdir claims a deeper model than its checkpoint holds
   os.remove(tmp_path / workdir_lib.CONFIG_FILE)
   workdir_lib.record_config(config, str(tmp_path))
-  with pytest.raises(ValueError, match='do not fit the recorded architecture'):
+  with pytest.raises(ValueError, match='do not fit the architecture recorded'):
     analysis.load_model(str(tmp_path))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -176,12 +177,19 @@ def _flat(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   return flat
 
 
+def _network_order(path: tuple[str, ...]) -> tuple:
+  """Sort key of a variable path in the order the network uses it: stem, block1, transition1, ..., classifier."""
+  stage = {'stem_conv': 0, 'stem_norm': 1, 'final_norm': 3, 'classifier': 4}.get(path[1], 2)
+  return (stage, *((int(part) if part.isdigit() else part) for part in re.split(r'(\d+)', '/'.join(path[1:]))),
+          path[0])
+
+
 def replace_head(variables: Mapping[str, Any], model: DenseNet, rng: jax.Array) -> dict[str, dict]:
   """Variables for `model` from pretrained `variables`: everything but the classifier must fit exactly; the
   classifier is kept when its shape fits `model` and otherwise newly initialized (as `model.init` would, from
   `rng`), also when `variables` have none. Returns nested dicts of numpy arrays in the model's param dtype.
   """
-  target = _flat(abstract_variables(model))
+  target = dict(sorted(_flat(abstract_variables(model)).items(), key=lambda item: _network_order(item[0])))
   given = _flat(variables)
   is_head = lambda path: path[1] == 'classifier'
   name = '/'.join

@@ -8,15 +8,29 @@ entry points install this before TensorFlow and JAX load.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 MESSAGE = 'stopped before the first step; nothing to save'
 
 
+def _importing(frame) -> bool:
+  """Whether the interrupted code runs inside an import."""
+  while frame is not None:
+    if frame.f_code.co_filename.startswith('<frozen importlib'):
+      return True
+    frame = frame.f_back
+  return False
+
+
 def _stop_before_first_step(signum, frame):
-  del frame
   print(f'Received {signal.Signals(signum).name}: {MESSAGE}.', file=sys.stderr, flush=True)
+  if _importing(frame):
+    # Raised inside a module's initialization (a C extension's, e.g. tensorstore's), SystemExit would become an
+    # ImportError with a traceback. Nothing is held while modules load: leave at once.
+    sys.stdout.flush()
+    os._exit(0)
   raise SystemExit(0)
 
 
