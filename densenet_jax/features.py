@@ -36,9 +36,8 @@ class FeatureInfo:
 
 
 def stage_strides(model: model_lib.DenseNet) -> dict[str, int]:
-  """Nominal stride of each stage: the stem's (4 with the ImageNet stem, 1 with the CIFAR stem), doubled by every
-  transition's 2x2 average pooling."""
-  stride = 4 if model.stem == 'imagenet' else 1
+  """Nominal stride of each stage: the stem's, doubled by every transition's 2x2 average pooling."""
+  stride = model.stem_stride
   strides = {'stem': stride}
   for b in range(1, len(model.block_sizes) + 1):
     strides[f'block{b}'] = stride

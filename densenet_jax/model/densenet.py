@@ -253,10 +253,14 @@ class DenseNet(_Module):
   input_channels: int = 3
 
   @property
+  def stem_stride(self) -> int:
+    """Input pixels per pixel of the stem's output: 7x7/2 conv then 3x3/2 max pool, or the CIFAR stem's 3x3/1 conv."""
+    return 4 if self.stem == 'imagenet' else 1
+
+  @property
   def min_input_size(self) -> int:
     """Smallest height/width that leaves at least one pixel in the last block."""
-    stem_stride = 4 if self.stem == 'imagenet' else 1
-    return stem_stride * 2 ** (len(self.block_sizes) - 1)
+    return self.stem_stride * 2 ** (len(self.block_sizes) - 1)
 
   @property
   def stage_names(self) -> tuple[str, ...]:
