@@ -1,0 +1,63 @@
+"""Google Cloud Storage access: the client, and one paragraph naming the fix when a gs:// path cannot be used.
+
+The program checks every gs:// path it is given before it starts (check_bucket), so that a missing package, missing
+credentials or a missing bucket is reported at once rather than from deep inside TensorFlow, orbax or tensorstore
+(which would retry for minutes first).
+"""
+
+from __future__ import annotations
+
+from densenet_jax import storage
+
+# How the program finds credentials, for the messages.
+CREDENTIALS_HELP = (
+    'On a workstation run `gcloud auth application-default login`; on a Cloud TPU or GCE VM give the VM a service '
+    'account that may use the bucket; elsewhere set GOOGLE_APPLICATION_CREDENTIALS to a service account key file. '
+    'For a local emulator set STORAGE_EMULATOR_HOST (see docs/cloud_storage.md).')
+
+
+class CloudStorageError(RuntimeError):
+  """A gs:// path cannot be used (package, credentials, bucket, permission); the message says how to fix it."""
+
+
+def storage_client():
+  """A google.cloud.storage.Client with the default credentials (anonymous against STORAGE_EMULATOR_HOST)."""
+  try:
+    from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise CloudStorageError(
+        'gs:// paths need the google-cloud-storage package, which is not installed in this Python environment: '
+        'pip install -r requirements.txt (it pins the version this program is tested with).') from None
+  from google.auth import exceptions as auth_errors  # pylint: disable=import-outside-toplevel
+
+  try:
+    return gcs.Client()
+  except auth_errors.DefaultCredentialsError:
+    raise CloudStorageError(f'No Google Cloud credentials were found for the gs:// paths. {CREDENTIALS_HELP}') from None
+
+
+def check_bucket(url: str, what: str) -> None:
+  """Raises CloudStorageError unless the bucket of the gs:// URL `url` (given as `what`, e.g. '--workdir') exists and
+  these credentials may read it. Local paths pass unchecked."""
+  if not storage.is_cloud(url):
+    return
+  from google.api_core import exceptions as api_errors  # pylint: disable=import-outside-toplevel
+  from google.auth import exceptions as auth_errors  # pylint: disable=import-outside-toplevel
+
+  bucket, _ = storage.split_url(url)
+  client = storage_client()
+  try:
+    client.get_bucket(bucket, timeout=30)
+  except api_errors.NotFound:
+    raise CloudStorageError(
+        f'{what}={url}: the bucket gs://{bucket} does not exist. Create it in the region of the machines that '
+        f'train (`gcloud storage buckets create gs://{bucket} --location=REGION`), or fix the name.') from None
+  except api_errors.Forbidden as error:
+    raise CloudStorageError(
+        f'{what}={url}: these credentials may not use the bucket gs://{bucket} ({error.message}). Grant the '
+        'account the Storage Object User role and storage.buckets.get on it (orbax reads the bucket\'s settings), '
+        f'or use other credentials. {CREDENTIALS_HELP}') from None
+  except (auth_errors.GoogleAuthError, api_errors.Unauthorized) as error:
+    raise CloudStorageError(
+        f'{what}={url}: the Google Cloud credentials were refused ({type(error).__name__}: '
+        f'{" ".join(str(error).split())[:300]}). {CREDENTIALS_HELP}') from None
