@@ -302,7 +302,7 @@ def evaluate_checkpoint(
   The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
   dtype, by default the workdir's own config.json (workdir.run_config).
   """
-  _check_buckets(('--checkpoint', checkpoint), ('config.data_dir', config.data_dir if config else None))
+  _check_buckets(('--checkpoint', checkpoint))
   if not storage.exists(checkpoint):
     raise FileNotFoundError(f'No checkpoint at {checkpoint}: give a training workdir, one of its '
                             'checkpoints/<step> directories, or converted weights.')
