@@ -1,8 +1,9 @@
 """Checksums of complete checkpoints, so that a damaged one is found before anything trains from it.
 
 Orbax makes a checkpoint appear atomically (temporary directory then rename; on gs:// a commit_success.txt written
-last) but cannot tell whether its files were damaged afterwards (a bad disk, a truncated copy, a file deleted by hand). When a write has finished, the
-sha256 of every file of `<step>/` is recorded beside it in `<step>.sha256.json`, itself written atomically. A
+last) but cannot tell whether its files were damaged afterwards (a bad disk, a truncated copy, a file deleted by
+hand). When a write has finished, the sha256 of every file of `<step>/` is recorded beside it in
+`<step>.sha256.json`, itself written atomically. A
 checkpoint without that file was written by an older release, or the run was killed in the moment between the
 end of the write and the checksums: it is unverified, and read as it is.
 
