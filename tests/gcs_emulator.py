@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import datetime
+import functools
 import json
 import os
 import re
@@ -43,6 +45,7 @@ import urllib.parse
 import urllib.request
 
 INTERCEPTED_DOMAIN = 'googleapis.com'
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
 STORAGE_LAYOUT_REQUEST = re.compile(rb'^GET /storage/v1/b/([^/?]+)/storageLayout(?:\?\S*)? HTTP')
 
 # Read by TensorFlow when it registers its GCS file system, at `import tensorflow`: set before that. Without them
@@ -248,14 +251,16 @@ def run_proxy(port: int, upstream_port: int, cert: str, key: str) -> None:
 # The emulator and its proxy, as seen by the tests
 
 
-def _end_with_parent() -> None:
-  """Runs in the child before exec: the kernel sends it SIGTERM when the test process dies (Linux)."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
+def _ending_with_parent():
+  """A preexec_fn after which the kernel sends the child SIGTERM when the test process dies (Linux; else None).
 
-    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  libc is loaded here, in the parent: the child of a multi-threaded process must not import or dlopen.
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
   except OSError:
-    pass
+    return None
+  return functools.partial(libc.prctl, PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_until_listening(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
@@ -294,7 +299,7 @@ class GcsEmulator:
   def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
     with open(os.path.join(self.directory, log_name), 'wb') as log:  # the child keeps its own copy
       process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=_end_with_parent)
+                                 preexec_fn=_ending_with_parent())
     self._processes.append(process)
     return process
 

@@ -55,11 +55,14 @@ def test_the_holder_refreshes_its_heartbeat_and_notices_a_takeover(gcs_bucket):
   emulator, bucket = gcs_bucket
   workdir = f'gs://{bucket}/run'
   with cloud_lock.held(workdir, heartbeat_seconds=0.2) as heartbeat:
-    first = json.loads(emulator.download(bucket, 'run/.lock'))['heartbeat']
+    beats = [json.loads(emulator.download(bucket, 'run/.lock'))['heartbeat']]
     deadline = time.time() + 30
-    while json.loads(emulator.download(bucket, 'run/.lock'))['heartbeat'] == first and time.time() < deadline:
+    while len(beats) < 3 and time.time() < deadline:  # each refresh must find its own previous version
       time.sleep(0.1)
-    assert json.loads(emulator.download(bucket, 'run/.lock'))['heartbeat'] > first
+      beat = json.loads(emulator.download(bucket, 'run/.lock'))['heartbeat']
+      if beat != beats[-1]:
+        beats.append(beat)
+    assert len(beats) == 3 and beats == sorted(beats) and not heartbeat.lost
     emulator.upload(bucket, 'run/.lock', json.dumps({'host': 'elsewhere', 'pid': 1, 'heartbeat': time.time()}).encode())
     while not heartbeat.lost and time.time() < deadline:
       time.sleep(0.1)
@@ -145,3 +148,42 @@ def test_a_missing_google_cloud_storage_package_is_one_clear_paragraph(monkeypat
   monkeypatch.delattr(google.cloud, 'storage', raising=False)
   with pytest.raises(cloud.CloudStorageError, match='need the google-cloud-storage package'):
     cloud.check_bucket('gs://bucket/run', '--workdir')
+
+
+def test_converted_weights_are_written_to_and_read_from_gs(gcs_bucket):
+  from densenet_jax.training import checkpoints
+
+  _, bucket = gcs_bucket
+  variables = {'params': {'classifier': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}},
+               'batch_stats': {'norm': {'mean': np.ones(2, np.float32)}}}
+  path = checkpoints.save_variables(f'gs://{bucket}/weights/', variables, metadata={'num_classes': 3})
+  assert path == f'gs://{bucket}/weights'
+  with pytest.raises(FileExistsError):
+    checkpoints.save_variables(path, variables)
+  assert checkpoints.read_metadata(path) == {'num_classes': 3}
+  loaded = checkpoints.load_variables(path)
+  np.testing.assert_array_equal(loaded['params']['classifier']['kernel'], variables['params']['classifier']['kernel'])
+  np.testing.assert_array_equal(loaded['batch_stats']['norm']['mean'], variables['batch_stats']['norm']['mean'])
+
+
+def test_an_unfinished_checkpoint_on_gs_is_ignored_and_deleted_with_a_warning(gcs_bucket, caplog):
+  from densenet_jax.training import checkpoints
+
+  emulator, bucket = gcs_bucket
+  directory = f'gs://{bucket}/run/checkpoints'
+  state = {'w': np.arange(4, dtype=np.float32)}
+  checkpointer = checkpoints.Checkpointer(directory, keep=2)
+  checkpointer.save(1, state)
+  checkpointer.close()
+  assert checkpoints.complete_steps(directory) == [1]
+  assert checkpoints.integrity.problem(f'{directory}/1') is None and storage.isfile(f'{directory}/1.sha256.json')
+  emulator.upload(bucket, 'run/checkpoints/2/default/part', b'a write killed before commit_success.txt')
+  assert checkpoints.complete_steps(directory) == [1]
+  assert checkpoints.incomplete_checkpoints(directory) == ['2']
+  with caplog.at_level('WARNING'):
+    checkpointer = checkpoints.Checkpointer(directory, keep=2)
+  assert 'Ignoring and deleting incomplete checkpoint(s) 2' in caplog.text and 'resuming from step 1' in caplog.text
+  restored = checkpointer.restore_latest_intact(state)
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  checkpointer.close()
+  assert not [name for name in emulator.list_objects(bucket) if name.startswith('run/checkpoints/2/')]

@@ -22,11 +22,10 @@ TINY = [
     '--config.batch_size=128',
     '--config.log_every_steps=1',
     '--config.progress_bar=False',
-    '--config.num_epochs=2',
-    '--config.lr_boundaries_epochs=(1,)',
-    '--config.eval_every_epochs=1',
-    '--config.checkpoint_every_epochs=100',
 ]
+# Given once each: ml_collections joins the values of a tuple field given twice.
+TWO_EPOCHS = ['--config.num_epochs=2', '--config.lr_boundaries_epochs=(1,)', '--config.eval_every_epochs=1',
+              '--config.checkpoint_every_epochs=100']
 TOTAL_STEPS = 22
 
 
@@ -56,10 +55,10 @@ def test_a_gs_workdir_resumes_after_sigterm_like_a_local_run_and_is_evaluated(gc
   cwd.mkdir()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   cache = [f'--config.compilation_cache_dir={tmp_path / "cache"}']  # the runs share their compiled steps
-  local = finish(start('train.py', cwd, env, f'--workdir={tmp_path / "local"}', *TINY, *cache))
+  local = finish(start('train.py', cwd, env, f'--workdir={tmp_path / "local"}', *TINY, *TWO_EPOCHS, *cache))
 
   workdir = f'gs://{bucket}/run'
-  process = start('train.py', cwd, env, f'--workdir={workdir}', *TINY, *cache)
+  process = start('train.py', cwd, env, f'--workdir={workdir}', *TINY, *TWO_EPOCHS, *cache)
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
     if train_steps(emulator, bucket, 'run')[-1:] >= [3]:
@@ -72,12 +71,13 @@ def test_a_gs_workdir_resumes_after_sigterm_like_a_local_run_and_is_evaluated(gc
                 and name.count('/') == 3]
   assert len(stopped_at) == 1 and 3 <= stopped_at[0] < TOTAL_STEPS, objects
 
-  resumed = finish(start('train.py', cwd, env, f'--workdir={workdir}', *TINY, *cache))
+  resumed = finish(start('train.py', cwd, env, f'--workdir={workdir}', *TINY, *TWO_EPOCHS, *cache))
   assert resumed.strip().splitlines()[-1] == local.strip().splitlines()[-1]  # step=22 and the same metrics
   steps = train_steps(emulator, bucket, 'run')
   assert steps == list(range(1, TOTAL_STEPS + 1))
   local_params = workdir_lib.load_variables(str(tmp_path / 'local'))['params']
-  cloud_params = workdir_lib.load_variables(workdir)['params']
+  _, cloud_variables = workdir_lib.load_model(workdir)  # as notebooks and analysis read a run
+  cloud_params = cloud_variables['params']
   assert jax.tree.structure(local_params) == jax.tree.structure(cloud_params)
   for x, y in zip(jax.tree.leaves(local_params), jax.tree.leaves(cloud_params)):
     np.testing.assert_array_equal(x, y)
@@ -97,11 +97,30 @@ def test_a_gs_workdir_resumes_after_sigterm_like_a_local_run_and_is_evaluated(gc
 
 
 def test_a_missing_bucket_stops_train_py_with_one_paragraph(gcs_emulator_env, tmp_path):
-  result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--workdir=gs://no-such-bucket/run',
-                           *TINY], cwd=tmp_path, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'train.py'), '--workdir=gs://no-such-bucket/run', *TINY, *TWO_EPOCHS],
+      cwd=tmp_path, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Cloud storage error: --workdir=gs://no-such-bucket/run: the bucket gs://no-such-bucket does not exist' in (
       result.stderr)
   assert 'Traceback' not in result.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_train_py_trains_and_evaluates_on_an_image_folder_on_gs(gcs_bucket, tmp_path):
+  import tensorflow as tf
+
+  emulator, bucket = gcs_bucket
+  for split in ('train', 'val'):
+    for label in ('a', 'b'):
+      for i in range(4):
+        image = np.full((36, 36, 3), 40 * i + (120 if label == 'b' else 0), np.uint8)
+        emulator.upload(bucket, f'images/{split}/{label}/{i}.png', tf.io.encode_png(image).numpy())
+  output = finish(start('train.py', tmp_path, {**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                        f'--workdir={tmp_path / "run"}', *TINY, '--config.dataset=image_folder',
+                        f'--config.data_dir=gs://{bucket}/images', '--config.image_size=32',
+                        '--config.eval_split=val', '--config.batch_size=8', '--config.augment=False',
+                        '--config.num_epochs=1', '--config.lr_boundaries_epochs=(0.5,)'))
+  final = output.strip().splitlines()[-1]
+  assert final.startswith('step=1 ') and 'eval_accuracy=' in final, output[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ['run']
