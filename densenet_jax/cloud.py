@@ -16,6 +16,9 @@ CREDENTIALS_HELP = (
     'For a local emulator set STORAGE_EMULATOR_HOST (see docs/cloud_storage.md).')
 
 
+CHECK_SECONDS = 30.0  # how long check_bucket retries an unreachable Cloud Storage (the client's default: 120 s)
+
+
 class CloudStorageError(RuntimeError):
   """A gs:// path cannot be used (package, credentials, bucket, permission); the message says how to fix it."""
 
@@ -41,13 +44,15 @@ def check_bucket(url: str, what: str) -> None:
   these credentials may read it. Local paths pass unchecked."""
   if not storage.is_cloud(url):
     return
-  from google.api_core import exceptions as api_errors  # pylint: disable=import-outside-toplevel
-  from google.auth import exceptions as auth_errors  # pylint: disable=import-outside-toplevel
-
   bucket, _ = storage.split_url(url)
-  client = storage_client()
+  client = storage_client()  # first: it reports a missing package
+  # pylint: disable=import-outside-toplevel  # installed with google-cloud-storage
+  from google.api_core import exceptions as api_errors
+  from google.auth import exceptions as auth_errors
+  from google.cloud.storage import retry
+
   try:
-    client.get_bucket(bucket, timeout=30)
+    client.get_bucket(bucket, timeout=10, retry=retry.DEFAULT_RETRY.with_timeout(CHECK_SECONDS))
   except api_errors.NotFound:
     raise CloudStorageError(
         f'{what}={url}: the bucket gs://{bucket} does not exist. Create it in the region of the machines that '
@@ -59,5 +64,12 @@ def check_bucket(url: str, what: str) -> None:
         f'or use other credentials. {CREDENTIALS_HELP}') from None
   except (auth_errors.GoogleAuthError, api_errors.Unauthorized) as error:
     raise CloudStorageError(
-        f'{what}={url}: the Google Cloud credentials were refused ({type(error).__name__}: '
-        f'{" ".join(str(error).split())[:300]}). {CREDENTIALS_HELP}') from None
+        f'{what}={url}: the Google Cloud credentials were refused ({_one_line(error)}). {CREDENTIALS_HELP}') from None
+  except Exception as error:  # pylint: disable=broad-except  # no network, a proxy, a server error after retries
+    raise CloudStorageError(
+        f'{what}={url}: Cloud Storage could not be reached ({_one_line(error)}). Check the network of this machine '
+        '(a Cloud TPU VM reaches storage.googleapis.com directly) and run the command again.') from None
+
+
+def _one_line(error: BaseException) -> str:
+  return f'{type(error).__name__}: {" ".join(str(error).split())[:300]}'

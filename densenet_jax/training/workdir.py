@@ -59,6 +59,12 @@ def prepare(workdir: str) -> str:
     raise config_lib.ConfigError(
         f'--workdir={workdir} cannot be used: {error.strerror or error} ({error.filename or workdir}). Give a '
         'directory that can be created and written to (not a file, not under a file, not read-only).') from None
+  except Exception as error:  # pylint: disable=broad-except  # tf.io.gfile's errors on gs:// are no OSErrors
+    if not storage.is_cloud(workdir):
+      raise
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} cannot be used: {type(error).__name__}: {" ".join(str(error).split())[:300]}. Give '
+        'a gs:// folder that these credentials may write to (role Storage Object User on the bucket).') from None
   return workdir
 
 
