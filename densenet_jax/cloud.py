@@ -7,8 +7,10 @@ credentials or a missing bucket is reported at once rather than from deep inside
 
 from __future__ import annotations
 
-from densenet_jax import storage
+import os
 
+CLOUD_PREFIX = 'gs://'
+CHECK_SECONDS = 30.0  # how long check_bucket retries an unreachable Cloud Storage (the client's default: 120 s)
 # How the program finds credentials, for the messages.
 CREDENTIALS_HELP = (
     'On a workstation run `gcloud auth application-default login`; on a Cloud TPU or GCE VM give the VM a service '
@@ -16,7 +18,14 @@ CREDENTIALS_HELP = (
     'For a local emulator set STORAGE_EMULATOR_HOST (see docs/cloud_storage.md).')
 
 
-CHECK_SECONDS = 30.0  # how long check_bucket retries an unreachable Cloud Storage (the client's default: 120 s)
+def is_cloud(path: str | os.PathLike) -> bool:
+  return os.fspath(path).startswith(CLOUD_PREFIX)
+
+
+def split_url(url: str) -> tuple[str, str]:
+  """gs://bucket/a/b -> ('bucket', 'a/b')."""
+  bucket, _, name = url[len(CLOUD_PREFIX):].partition('/')
+  return bucket, name.strip('/')
 
 
 class CloudStorageError(RuntimeError):
@@ -42,9 +51,9 @@ def storage_client():
 def check_bucket(url: str, what: str) -> None:
   """Raises CloudStorageError unless the bucket of the gs:// URL `url` (given as `what`, e.g. '--workdir') exists and
   these credentials may read it. Local paths pass unchecked."""
-  if not storage.is_cloud(url):
+  if not is_cloud(url):
     return
-  bucket, _ = storage.split_url(url)
+  bucket, _ = split_url(url)
   client = storage_client()  # first: it reports a missing package
   # pylint: disable=import-outside-toplevel  # installed with google-cloud-storage
   from google.api_core import exceptions as api_errors

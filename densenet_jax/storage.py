@@ -13,11 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-CLOUD_PREFIX = 'gs://'
-
-
-def is_cloud(path: str | os.PathLike) -> bool:
-  return os.fspath(path).startswith(CLOUD_PREFIX)
+from densenet_jax import cloud
+from densenet_jax.cloud import CLOUD_PREFIX, is_cloud, split_url  # for callers: paths need only this module
 
 
 def absolute(path: str | os.PathLike) -> str:
@@ -53,16 +50,8 @@ def listdir(path: str) -> list[str]:
   return os.listdir(path)
 
 
-def split_url(url: str) -> tuple[str, str]:
-  """gs://bucket/a/b -> ('bucket', 'a/b')."""
-  bucket, _, name = url[len(CLOUD_PREFIX):].partition('/')
-  return bucket, name.strip('/')
-
-
 def _blobs(directory: str, *, recursive: bool):
   """(object names relative to `directory`, immediate sub-folder names) of a gs:// directory."""
-  from densenet_jax import cloud  # pylint: disable=import-outside-toplevel  # cloud.py imports this module
-
   bucket, name = split_url(absolute(directory))
   prefix = f'{name}/' if name else ''
   listing = cloud.storage_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else '/')
