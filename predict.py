@@ -5,7 +5,7 @@ weights written by `python -m densenet_jax.weights convert`. The model, its inpu
 eval pipeline's) and the class names come from what the checkpoint records. Folders are searched recursively for
 .jpg/.jpeg/.png/.bmp/.gif files. Prints the top-k classes with their probabilities per image; an unreadable file
 gets one line on stderr, the other files are still predicted, and the exit code is then 2. --json=FILE also
-writes the results as JSON.
+writes the results as JSON. Any of these paths may be gs://BUCKET/... (docs/cloud_storage.md).
 """
 
 from densenet_jax import cli
@@ -16,7 +16,7 @@ import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from densenet_jax import data, inference  # noqa: E402
+from densenet_jax import cloud, data, inference  # noqa: E402
 from densenet_jax.data import image_files  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -27,6 +27,9 @@ flags.DEFINE_string('json', None, 'Also write the predictions (and errors) to th
 
 
 def predict(paths):
+  for what, path in (('--checkpoint', FLAGS.checkpoint), ('--json', FLAGS.json), *(('image', p) for p in paths)):
+    if path:
+      cloud.check_bucket(path, what)
   predictor = inference.load_predictor(FLAGS.checkpoint)
   predictions, errors = inference.predict_files(
       predictor, paths, top_k_classes=FLAGS.top_k, batch_size=FLAGS.batch_size,

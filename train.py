@@ -19,7 +19,8 @@ from ml_collections import config_flags  # noqa: E402
 from densenet_jax.training import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and curves.', required=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and curves (local or gs://BUCKET/...).',
+                    required=True)
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/quickstart.py.', lock_config=True)
 flags.mark_flags_as_required(['config'])
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from absl import app, flags, logging
 
+from densenet_jax import cloud
 from densenet_jax import config as config_lib
 from densenet_jax import data, model, xla_flags
 from densenet_jax.training import checkpoints, lock, parallel, steps, stopping
@@ -25,6 +26,7 @@ T = TypeVar('T')
 # stopped (its complete checkpoints are kept).
 FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that matches gives the label
     lock.WorkdirBusy: ('Workdir in use', 2),
+    cloud.CloudStorageError: ('Cloud storage error', 2),  # gs://: no package, credentials, bucket or permission
     config_lib.ConfigError: ('Config error', 2),
     model.WeightMismatchError: ('Weights do not fit', 2),  # an evaluated or init_from checkpoint of another model
     steps.TrainingDiverged: ('Training stopped', 1),

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from densenet_jax import model as model_lib
+from densenet_jax import storage
 from densenet_jax.data import image_files, pipeline
 from densenet_jax.training import workdir as workdir_lib
 
@@ -171,7 +172,7 @@ def format_prediction(prediction: Prediction) -> str:
 
 def write_json(path: str, predictor: Predictor, predictions: Sequence[Prediction], errors: Sequence[str]) -> None:
   spec = predictor.spec
-  with open(path, 'w') as f:
+  with storage.open_file(path, 'w') as f:
     json.dump({
         'input_shape': list(spec.image_shape), 'dataset': spec.dataset, 'preprocessing': spec.resize,
         'predictions': [p.to_json() for p in predictions], 'errors': list(errors),

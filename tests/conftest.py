@@ -1,12 +1,45 @@
-"""Test-wide settings."""
+"""Test-wide settings, and the local Google Cloud Storage (gcs_emulator.py) for the gs:// tests."""
 
-from densenet_jax import cli
+import os
+import uuid
+
+import gcs_emulator
+
+# TensorFlow reads these when it is imported; they only concern its GCS file system, which only the gs:// tests use.
+os.environ.update(gcs_emulator.TIMING_ENV)
+
+from densenet_jax import cli  # noqa: E402
 
 # Tests run in the environment the entry points set up (XLA flags before JAX starts its backend, TF's logs).
 cli.prepare_environment()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Threefry random bits take ~20 s to compile per dropout model on a 2-core CPU; the 'rbg' generator
 # compiles in ~3 s. Dropout semantics are the same; only the stream of random bits differs.
 jax.config.update('jax_default_prng_impl', 'rbg')
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """One emulator per test process (per xdist worker), started at the first gs:// test."""
+  emulator = gcs_emulator.GcsEmulator().start()
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def gcs_emulator_env(gcs_server, monkeypatch):
+  """The emulator, with the variables that point every client at it set in os.environ for this test."""
+  for name, value in gcs_server.env.items():
+    monkeypatch.setenv(name, value)
+  return gcs_server
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator_env):
+  """A new, empty bucket on the emulator: (emulator, bucket name)."""
+  name = f'test-{uuid.uuid4().hex[:12]}'
+  gcs_emulator_env.create_bucket(name)
+  return gcs_emulator_env, name

@@ -21,6 +21,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from densenet_jax import storage
 from densenet_jax.data import preprocessing as pp
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')  # what TensorFlow decodes; GIF: the first frame
@@ -48,11 +49,12 @@ class ImageSpec:
 
 
 def list_image_files(paths: list[str]) -> list[str]:
-  """Files named directly (whatever their extension), and the image files under folders (recursively, sorted)."""
+  """Files named directly (whatever their extension), and the image files under folders (recursively, sorted).
+  Local or gs://."""
   files = []
   for path in paths:
-    if os.path.isdir(path):
-      found = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+    if storage.isdir(path):
+      found = [os.path.join(path, name) for name in storage.walk_files(path)
                if name.lower().endswith(IMAGE_EXTENSIONS)]
       files.extend(sorted(found))
     else:
@@ -95,9 +97,9 @@ def preprocess(data: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
 
 def read_image(path: str, spec: ImageSpec) -> np.ndarray:
   """The model input for one image file; raises UnreadableImageError with a one-line reason."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise UnreadableImageError(f'{path}: no such file')
-  if os.path.isdir(path):
+  if storage.isdir(path):
     raise UnreadableImageError(f'{path}: a folder')
   try:
     return preprocess(tf.io.read_file(path), spec).numpy()

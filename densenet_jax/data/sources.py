@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from densenet_jax import storage
+
 # Split sizes of the TFDS datasets (used before the data is prepared; afterwards the TFDS metadata counts).
 TFDS_SPLIT_SIZES = {
     'cifar10': {'train': 50_000, 'test': 10_000},
@@ -203,15 +205,13 @@ def _is_image(name: str) -> bool:
 
 
 def _subdirs(path: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
+  return sorted(name for name in storage.scan(path)[0] if not name.startswith('.'))
 
 
 def _images_under(path: str) -> list[str]:
-  found = []
-  for dirpath, dirnames, filenames in os.walk(path):
-    dirnames.sort()
-    found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-  return found
+  """The image files under `path`, in os.walk's order with sorted names (a folder's files, then its sub-folders)."""
+  found = [name for name in storage.walk_files(path) if _is_image(name.rsplit('/', 1)[-1])]
+  return [os.path.join(path, name) for name in sorted(found, key=storage.walk_order)]
 
 
 def list_image_folder(root: str | None, only_split: str | None = None) -> ImageFolder:
@@ -222,7 +222,7 @@ def list_image_folder(root: str | None, only_split: str | None = None) -> ImageF
   layout = "expected root/SPLIT/CLASS/image.jpg, e.g. root/train/cat/1.jpg and root/val/cat/2.png"
   if root is None:
     raise ValueError(f"dataset='image_folder' needs data_dir=<root of the image folder> ({layout}).")
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise FileNotFoundError(f'Image folder root {root!r} does not exist or is not a directory ({layout}).')
   split_names = _subdirs(root)
   if not split_names:
@@ -232,7 +232,7 @@ def list_image_folder(root: str | None, only_split: str | None = None) -> ImageF
   splits = {}
   for split in split_names if only_split is None else [s for s in split_names if s == only_split]:
     split_dir = os.path.join(root, split)
-    loose = sorted(f for f in os.listdir(split_dir) if _is_image(f) and os.path.isfile(os.path.join(split_dir, f)))
+    loose = sorted(f for f in storage.scan(split_dir)[1] if _is_image(f))
     if loose:
       raise ValueError(
           f'{split_dir} holds images directly ({loose[0]!r}, ...); images must be in class sub-folders ({layout}).'

@@ -5,7 +5,9 @@ A training run keeps TrainStates (step, params, batch_stats, opt_state) in a Che
 
 Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames it
 when complete, so a run killed while saving leaves no half-written checkpoint behind: the next start warns
-about the temporary directory, deletes it, and resumes from the last complete checkpoint. A failed write
+about the temporary directory, deletes it, and resumes from the last complete checkpoint. On gs://, where a
+directory cannot be renamed atomically, orbax writes `<step>/` in place and marks it complete with a
+`commit_success.txt` written last; a `<step>/` without it is the unfinished one. A failed write
 (full disk, lost mount) raises CheckpointWriteError; it never deletes the complete checkpoints. Each complete
 checkpoint gets checksums (integrity.py); one damaged later is set aside on restore, and the run resumes from the
 newest intact one.
@@ -14,7 +16,6 @@ newest intact one.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +23,11 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from densenet_jax import storage
 from densenet_jax.training import integrity
 
 INCOMPLETE_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint whose write did not finish
+COMMIT_FILE = 'commit_success.txt'  # on gs://: written last into a checkpoint whose write finished
 
 
 class CheckpointWriteError(RuntimeError):
@@ -40,12 +43,30 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {text[0][:200] if text else ""}'
 
 
-def complete_steps(directory: str) -> list[int]:
-  """The steps of the finished checkpoints in `directory`, read from the disk."""
-  if not os.path.isdir(directory):
+def _is_complete(step_dir: str) -> bool:
+  if storage.is_cloud(step_dir):
+    return storage.isfile(f'{step_dir}/{COMMIT_FILE}')
+  return storage.isdir(step_dir)
+
+
+def _step_names(directory: str) -> list[str]:
+  if not storage.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+  return [name for name in storage.listdir(directory) if name.isdigit()]
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in `directory`, read from the disk or the bucket."""
+  return sorted(int(name) for name in _step_names(directory) if _is_complete(f'{directory}/{name}'))
+
+
+def incomplete_checkpoints(directory: str) -> list[str]:
+  """The names of the checkpoints in `directory` whose write did not finish."""
+  if storage.is_cloud(directory):
+    return sorted(name for name in _step_names(directory) if not _is_complete(f'{directory}/{name}'))
+  if not storage.isdir(directory):
+    return []
+  return sorted(name for name in storage.listdir(directory) if INCOMPLETE_MARKER in name)
 
 
 def _os_error_in(error: BaseException) -> OSError | None:
@@ -67,11 +88,11 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int, asynchronous: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._saving: int | None = None  # the step being written in the background
     self._primary = jax.process_index() == 0  # the process that writes checksums and sets checkpoints aside
     self._failed = False
-    incomplete = self._incomplete_checkpoints()
+    incomplete = incomplete_checkpoints(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
         # Orbax keeps unfinished temporary directories unless told, and a new save of the same step
@@ -88,11 +109,6 @@ class Checkpointer:
           '(killed, out of memory or out of disk); %s.',
           ', '.join(incomplete), self.directory, resume,
       )
-
-  def _incomplete_checkpoints(self) -> list[str]:
-    if not os.path.isdir(self.directory):
-      return []
-    return sorted(name for name in os.listdir(self.directory) if INCOMPLETE_MARKER in name)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -142,7 +158,7 @@ class Checkpointer:
     """
     set_aside = []
     for step in reversed(complete_steps(self.directory)):
-      step_dir = os.path.join(self.directory, str(step))
+      step_dir = f'{self.directory}/{step}'
       reason, detail = integrity.problem(step_dir), ''
       if reason is None:
         try:
@@ -157,7 +173,7 @@ class Checkpointer:
     if set_aside:
       raise CheckpointCorruptError(
           f'No intact checkpoint is left in {self.directory}: every one failed its checksums or could not be '
-          f'read, and was set aside ({", ".join(os.path.basename(p) for p in set_aside)}; nothing was deleted). '
+          f'read, and was set aside ({", ".join(p.rsplit("/", 1)[-1] for p in set_aside)}; nothing was deleted). '
           'Running the same command again starts the run over from step 0; to keep the work, restore the '
           'checkpoint directories from a backup, or fine-tune from one with --config.init_from.'
       )
@@ -175,8 +191,8 @@ class Checkpointer:
       self._raise_if_write_error(self._saving, error)
       raise
     if self._saving is not None and self._primary:
-      step_dir = os.path.join(self.directory, str(self._saving))
-      if os.path.isdir(step_dir):  # Overwrites checksums left by an earlier checkpoint of the same step.
+      step_dir = f'{self.directory}/{self._saving}'
+      if _is_complete(step_dir):  # Overwrites checksums left by an earlier checkpoint of the same step.
         integrity.record(step_dir)
       integrity.remove_orphans(self.directory)
     self._saving = None
@@ -203,8 +219,8 @@ def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping
   `metadata` (JSON-serializable: model name, source file, ...) is stored as the checkpoint's custom metadata.
   An existing directory is an error unless `overwrite`.
   """
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
+  path = storage.absolute(path)
+  if storage.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; choose another output directory or overwrite it.')
   tree = {c: jax.device_get(variables.get(c, {})) for c in ('params', 'batch_stats')}
   with ocp.StandardCheckpointer() as checkpointer:  # Leaving the block waits for the save to finish.
@@ -215,17 +231,17 @@ def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping
 def read_metadata(path: str) -> dict[str, Any]:
   """The custom metadata stored by save_variables (model, num_classes, source, ...), or {}."""
   with ocp.StandardCheckpointer() as checkpointer:
-    return dict(checkpointer.metadata(os.path.abspath(path)).custom_metadata or {})
+    return dict(checkpointer.metadata(storage.absolute(path)).custom_metadata or {})
 
 
 def load_variables(path: str) -> dict[str, Any]:
   """Reads {'params', 'batch_stats'} as numpy arrays from a checkpoint written by save_variables or from one step
   directory of a training run (workdir.load_variables also takes a workdir)."""
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
   item = path
-  if os.path.isdir(os.path.join(path, 'default')):  # a step directory written by CheckpointManager
-    item = os.path.join(path, 'default')
-  if not os.path.isdir(item):
+  if storage.isdir(f'{path}/default'):  # a step directory written by CheckpointManager
+    item = f'{path}/default'
+  if not storage.isdir(item):
     raise FileNotFoundError(
         f'No checkpoint at {path}. Give a directory written by `python -m densenet_jax.weights '
         'convert`, a training workdir, or one of its checkpoints/<step> directories.'

@@ -21,7 +21,9 @@ import optax
 from absl import logging
 
 from densenet_jax import config as config_lib
+from densenet_jax import cloud
 from densenet_jax import model as model_lib
+from densenet_jax import storage
 from densenet_jax.data import pipeline
 from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
 from densenet_jax.training import workdir as workdir_lib
@@ -117,9 +119,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises lock.WorkdirBusy if another process trains in `workdir`.
   """
   config_lib.validate(config)
+  _check_buckets(('--workdir', workdir), ('config.data_dir', config.data_dir), ('config.init_from', config.init_from))
   workdir = workdir_lib.prepare(workdir)
   with lock.held(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate(config, workdir)
+
+
+def _check_buckets(*named_paths: tuple[str, str | None]) -> None:
+  """Reports an unusable gs:// path (no package, credentials or bucket) before anything starts."""
+  for what, path in named_paths:
+    if path:
+      cloud.check_bucket(path, what)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -147,12 +157,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )(init_rng)
 
   checkpointer = checkpoints.Checkpointer(
-      os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR), keep=config.keep_checkpoints
+      f'{workdir}/{workdir_lib.CHECKPOINTS_DIR}', keep=config.keep_checkpoints
   )
   best_checkpointer = None
   if config.keep_best_checkpoint:
     best_checkpointer = checkpoints.Checkpointer(
-        os.path.join(workdir, workdir_lib.BEST_DIR), keep=1, asynchronous=False
+        f'{workdir}/{workdir_lib.BEST_DIR}', keep=1, asynchronous=False
     )
   restored = checkpointer.restore_latest_intact(state)
   if restored is not None:
@@ -292,11 +302,13 @@ def evaluate_checkpoint(
   The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
   dtype, by default the workdir's own config.json (workdir.run_config).
   """
-  if not os.path.exists(checkpoint):
+  _check_buckets(('--checkpoint', checkpoint))
+  if not storage.exists(checkpoint):
     raise FileNotFoundError(f'No checkpoint at {checkpoint}: give a training workdir, one of its '
                             'checkpoints/<step> directories, or converted weights.')
   config = workdir_lib.run_config(checkpoint) if config is None else config
   config_lib.validate(config)
+  _check_buckets(('config.data_dir', config.data_dir))
   use_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.create_mesh()
   info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))

@@ -1,12 +1,12 @@
 """What a run writes for people and tools: metrics.jsonl, TensorBoard events, curves, a progress bar.
 
-Only process 0 writes; the other processes get a writer that does nothing.
+Only process 0 writes; the other processes get a writer that does nothing. The workdir may be local or gs://.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from collections.abc import Mapping
 
@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import tqdm
 
+from densenet_jax import storage
 from densenet_jax.training import workdir as workdir_lib
-
 
 
 class MetricWriter:
@@ -23,20 +23,20 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    self.path = f'{workdir}/{workdir_lib.METRICS_FILE}'
     self._tensorboard = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # Pure Python; keeps the training loop free of TF.
 
-      self._tensorboard = SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR))
+      # On gs:// tensorboardX uploads the events file with google-cloud-storage at each flush.
+      self._tensorboard = SummaryWriter(f'{workdir}/{workdir_lib.TENSORBOARD_DIR}')
 
   def write(self, step: int, epoch: float, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items()}
     record = {'step': int(step), 'epoch': round(float(epoch), 4), **scalars}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    storage.append_text(self.path, json.dumps(record) + '\n')
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, value, int(step))
     self._tensorboard.flush()
@@ -58,11 +58,10 @@ def cut_metrics_back(workdir: str, step: int) -> None:
   The records of `step` itself are kept unless they are a final summary, which the run writes again. The file is
   rewritten next to itself and renamed over the old one: a crash now leaves the old file or the new one.
   """
-  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-  if not os.path.exists(path):
+  path = f'{workdir}/{workdir_lib.METRICS_FILE}'
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in storage.read_text(path).splitlines(keepends=True) if line.strip()]
   kept = []
   for line in lines:
     try:
@@ -73,18 +72,14 @@ def cut_metrics_back(workdir: str, step: int) -> None:
       kept.append(json.dumps(record) + '\n')
   if len(kept) == len(lines):
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  storage.write_atomically(path, ''.join(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-  if not os.path.exists(path):
+  path = f'{workdir}/{workdir_lib.METRICS_FILE}'
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def plot_error_curves(workdir: str) -> str | None:
@@ -109,9 +104,11 @@ def plot_error_curves(workdir: str) -> str | None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, workdir_lib.CURVES_FILE)
-  fig.savefig(path)
+  path = f'{workdir}/{workdir_lib.CURVES_FILE}'
+  png = io.BytesIO()  # matplotlib writes local files only
+  fig.savefig(png, format='png')
   plt.close(fig)
+  storage.write_atomically(path, png.getvalue())
   return path
 
 

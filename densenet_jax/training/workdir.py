@@ -8,6 +8,8 @@
     WORKDIR/error_curves.png      train and eval error vs epoch
 
     model, variables = load_model(path)     # any of: a workdir, WORKDIR/checkpoints/<step>, converted weights
+
+WORKDIR and every path here may be local or gs://bucket/... (densenet_jax.storage).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import traverse_util
 
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
+from densenet_jax import storage
 from densenet_jax.training import checkpoints
 
 CONFIG_FILE = 'config.json'
@@ -41,29 +44,34 @@ COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoint
 
 
 def prepare(workdir: str) -> str:
-  """Creates `workdir` if needed and checks that files can be written there; returns its absolute path.
+  """Creates `workdir` if needed and checks that files can be written there; returns its absolute path (or URL).
 
   Raises ConfigError naming the problem (a file in the way, a read-only or missing parent) before anything runs.
   """
-  workdir = os.path.abspath(workdir)
-  probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+  workdir = storage.absolute(workdir)
+  probe = f'{workdir}/.write-test-{os.getpid()}'
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
+    storage.makedirs(workdir)
+    with storage.open_file(probe, 'w') as f:
+      f.write('ok')  # tf.io.gfile creates no object for a file left empty
+    storage.remove(probe)
   except OSError as error:
     raise config_lib.ConfigError(
         f'--workdir={workdir} cannot be used: {error.strerror or error} ({error.filename or workdir}). Give a '
         'directory that can be created and written to (not a file, not under a file, not read-only).') from None
+  except Exception as error:  # pylint: disable=broad-except  # tf.io.gfile's errors on gs:// are no OSErrors
+    if not storage.is_cloud(workdir):
+      raise
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} cannot be used: {type(error).__name__}: {" ".join(str(error).split())[:300]}. Give '
+        'a gs:// folder that these credentials may write to (role Storage Object User on the bucket).') from None
   return workdir
 
 
 def _read_json(path: str) -> dict:
   """A config.json, or ConfigError if it is unreadable (cut short by a crash, edited by hand)."""
   try:
-    with open(path) as f:
-      resolved = json.load(f)
+    resolved = json.loads(storage.read_text(path))
     if not isinstance(resolved, dict):
       raise ValueError('not a JSON object')
   except ValueError as error:
@@ -78,9 +86,9 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bo
 
   Fields that do not change the result (COSMETIC_FIELDS) may differ. Only the `writer` process writes.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = f'{workdir}/{CONFIG_FILE}'
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
+  if storage.exists(path):
     previous = config_lib.with_defaults(_read_json(path))  # A field added since the run started ran at its default.
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in COSMETIC_FIELDS and previous.get(k) != resolved.get(k))
@@ -93,21 +101,18 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bo
     return
   if not writer:
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_atomically(path, json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def find_config(path: str) -> str | None:
   """config.json of a workdir, given the workdir or one of its WORKDIR/{checkpoints,best}/<step> directories."""
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
   candidates = [path]
   if os.path.basename(os.path.dirname(path)) in (CHECKPOINTS_DIR, BEST_DIR):
     candidates.append(os.path.dirname(os.path.dirname(path)))
   for directory in candidates:
-    candidate = os.path.join(directory, CONFIG_FILE)
-    if os.path.isfile(candidate):
+    candidate = f'{directory}/{CONFIG_FILE}'
+    if storage.isfile(candidate):
       return candidate
   return None
 
@@ -142,9 +147,9 @@ def run_config(path: str) -> ml_collections.ConfigDict:
 
 def checkpoint_candidates(path: str) -> list[str]:
   """The checkpoints `path` means, best first: a workdir's complete checkpoints newest first, or `path` itself."""
-  path = os.path.abspath(path)
-  directory = os.path.join(path, CHECKPOINTS_DIR)
-  is_workdir = os.path.isdir(directory) or os.path.isfile(os.path.join(path, CONFIG_FILE))
+  path = storage.absolute(path)
+  directory = f'{path}/{CHECKPOINTS_DIR}'
+  is_workdir = storage.isdir(directory) or storage.isfile(f'{path}/{CONFIG_FILE}')
   if not is_workdir:
     return [path]
   steps = checkpoints.complete_steps(directory)
@@ -152,7 +157,7 @@ def checkpoint_candidates(path: str) -> list[str]:
     raise FileNotFoundError(
         f'{path} is a workdir without any complete checkpoint (its run has not finished an epoch yet, or its '
         'checkpoints were set aside as damaged); train it first, or give a checkpoint directory.')
-  return [os.path.join(directory, str(step)) for step in reversed(steps)]
+  return [f'{directory}/{step}' for step in reversed(steps)]
 
 
 def checkpoint_path(path: str) -> str:
@@ -180,7 +185,7 @@ def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, An
   and input channels from the weights. The model computes in float32 without rematerialization (for forward
   passes) unless `overrides` say otherwise. Raises ValueError if the weights do not fit it.
   """
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
   variables = load_variables(path)
   options = {**dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0), **overrides}
   config_path = find_config(path)

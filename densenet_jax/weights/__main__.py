@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from densenet_jax import cloud, storage
 from densenet_jax import model as model_lib
 from densenet_jax.training import checkpoints
 from densenet_jax.summary import count_params
 from densenet_jax.weights import convert, readers
 
 _EXPECTED_ERRORS = (convert.WeightMismatchError, readers.WeightFileError, FileExistsError, FileNotFoundError,
-                    ImportError, ValueError)
+                    ImportError, ValueError, cloud.CloudStorageError)
 
 
 def _architecture(model: model_lib.DenseNet) -> dict:
@@ -27,8 +28,9 @@ def _architecture(model: model_lib.DenseNet) -> dict:
 
 
 def run_convert(args) -> None:
-  if os.path.exists(args.output) and not args.overwrite:  # before the (slow) conversion
-    raise FileExistsError(f'{os.path.abspath(args.output)} already exists; pass --overwrite to replace it.')
+  cloud.check_bucket(args.output, '--output')
+  if storage.exists(args.output) and not args.overwrite:  # before the (slow) conversion
+    raise FileExistsError(f'{storage.absolute(args.output)} already exists; pass --overwrite to replace it.')
   converted = readers.convert_file(args.source, args.model)
   name, model, variables, framework = converted.name, converted.model, converted.variables, converted.framework
   label = os.path.basename(args.source)
