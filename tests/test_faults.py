@@ -77,7 +77,7 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
       'is not a valid config': ([f'--workdir={tmp_path / "truncated"}'], {}),
       'cannot be used: Not a directory': ([f'--workdir={tmp_path / "a_file" / "run"}'], {}),
       'cannot be used: File exists': ([f'--workdir={tmp_path / "a_file"}'], {}),
-  }, 'Could not decode': ([
+  }, 'cannot be used': ([
       '--config.dataset=image_folder', f'--config.data_dir={tmp_path / "images"}', '--config.image_size=32',
       '--config.eval_split=val', '--config.batch_size=8', '--config.augment=False'], {})}
   processes = {  # All at once: each spends its few seconds importing, then fails before compiling.

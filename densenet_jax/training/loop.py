@@ -129,6 +129,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   mesh = parallel.create_mesh()
   info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
   config_lib.validate_against_data(config, info, jax.device_count())
+  pipeline.check_image_files(config.dataset, ('train', config.eval_split), data_dir=config.data_dir,
+                             progress=config.progress_bar and jax.process_index() == 0)
   steps_per_epoch = info.num_train_examples // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
 
