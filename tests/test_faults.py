@@ -4,6 +4,7 @@ docs/faults.md lists every failure with what the program does and what the user 
 """
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -258,6 +259,20 @@ def test_a_resumed_run_logs_each_step_once_and_in_order(finished_run, tmp_path):
   resumed = reporting.read_metrics(str(workdir))
   assert [r['train_loss'] for r in resumed if 'train_loss' in r] == [
       r['train_loss'] for r in expected if 'train_loss' in r]
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_evaluation_ends_like_an_uninterrupted_one(
+    finished_run, tmp_path):
+  config, workdir, uninterrupted = _copy(finished_run, tmp_path)
+  expected = reporting.read_metrics(str(workdir))
+  assert training.train_and_evaluate(config, str(workdir)) == uninterrupted  # a rerun of the finished run
+  assert reporting.read_metrics(str(workdir)) == expected
+  # Killed after the last checkpoint was written, before its evaluation was logged: evaluated on resume.
+  last_eval = max(i for i, r in enumerate(expected) if 'eval_loss' in r)
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in expected[:last_eval])
+  assert training.train_and_evaluate(config, str(workdir)) == uninterrupted
+  assert reporting.read_metrics(str(workdir)) == expected
 
 
 def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):

@@ -194,6 +194,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   best_accuracy = -1.0
   final: dict[str, float] = {}
   try:  # The writer is closed on every exit: its background thread must not outlive the run.
+    if restored is not None and _evaluation_due(start_step, steps_per_epoch, total_steps, config.eval_every_epochs):
+      # The checkpoint is written before its evaluation, so a run killed in between resumes here without it; a
+      # finished run's rerun returns its final metrics too. Every process evaluates (a collective computation).
+      final = _prefixed(evaluate(state), 'eval', info.num_classes)
+      if jax.process_index() == 0 and not reporting.has_record(workdir, start_step, 'eval_loss'):
+        writer.write(start_step, start_step // steps_per_epoch, final)
     try:
       with _StopSignal() as stop:
         for step in range(start_step + 1, total_steps + 1):
@@ -224,7 +230,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           if preempted:
             logging.warning('Stopped at step %d; run the same command again to resume.', step)
             return {'step': step, 'preempted': 1.0}
-          if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
+          if _evaluation_due(step, steps_per_epoch, total_steps, config.eval_every_epochs):
             final = _prefixed(evaluate(state), 'eval', info.num_classes)
             writer.write(step, epoch, final)
             progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
@@ -254,6 +260,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   finally:
     writer.close()
   return {'step': total_steps, **final}
+
+
+def _evaluation_due(step: int, steps_per_epoch: int, total_steps: int, eval_every_epochs: int) -> bool:
+  epoch, epoch_end = divmod(step, steps_per_epoch)
+  return step > 0 and epoch_end == 0 and (epoch % eval_every_epochs == 0 or step == total_steps)
 
 
 def _summarize_train_metrics(pending, step: int, steps_per_epoch: int, last_saved: int | None) -> dict[str, float]:

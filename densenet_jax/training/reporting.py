@@ -79,6 +79,11 @@ def cut_metrics_back(workdir: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+def has_record(workdir: str, step: int, key: str) -> bool:
+  """Whether metrics.jsonl holds a record of `step` with `key`."""
+  return any(r['step'] == step and key in r for r in read_metrics(workdir))
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):
