@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from densenet_jax import config as config_lib
 from densenet_jax import data, model, xla_flags
-from densenet_jax.training import checkpoints, lock, parallel, steps, stopping
+from densenet_jax.training import checkpoints, lock, parallel, steps, stopping, workdir
 
 T = TypeVar('T')
 
@@ -31,6 +31,7 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
     data.BadImageError: ('Data error', 2),
     checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
+    workdir.DiskFullError: ('Disk full', 1),
     checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),
 }
 
@@ -64,10 +65,22 @@ def show_only_own_info_logs() -> None:
 
   def own_or_important(record: python_logging.LogRecord) -> bool:
     path = os.path.abspath(record.pathname)
+    if _reported_disk_full(record):
+      return False
     return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
             or os.path.dirname(path) == scripts)
 
   logging.get_absl_handler().addFilter(own_or_important)
+
+
+def _reported_disk_full(record: python_logging.LogRecord) -> bool:
+  """An error that orbax logs, with its traceback, from its writer threads when the disk is full: the main thread
+  gets the same error and the run reports it in one paragraph (FAILURES)."""
+  if f'{os.sep}orbax{os.sep}' not in record.pathname:
+    return False
+  error = record.exc_info[1] if record.exc_info else None
+  return ((error is not None and checkpoints.is_disk_full(error))
+          or checkpoints.is_disk_full(RuntimeError(record.getMessage())))
 
 
 def _innermost(error: BaseException) -> BaseException:

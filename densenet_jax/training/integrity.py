@@ -41,9 +41,14 @@ def record(step_dir: str) -> None:
   """Writes the checksums of the complete checkpoint `step_dir` (atomically: a crash leaves none or all)."""
   path = sidecar(step_dir)
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({'sha256': digests(step_dir)}, f, indent=0, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump({'sha256': digests(step_dir)}, f, indent=0, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError:
+    if os.path.exists(tmp):  # e.g. cut short by a full disk
+      os.remove(tmp)
+    raise
 
 
 def has_checksums(step_dir: str) -> bool:

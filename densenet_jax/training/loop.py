@@ -114,12 +114,21 @@ def use_compilation_cache(directory: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates `config` in `workdir`; returns the final metrics.
 
-  Raises lock.WorkdirBusy if another process trains in `workdir`.
+  Raises lock.WorkdirBusy if another process trains in `workdir`, workdir.DiskFullError or
+  checkpoints.CheckpointWriteError if its disk fills up.
   """
   config_lib.validate(config)
   workdir = workdir_lib.prepare(workdir)
   with lock.held(workdir, enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir)
+    try:
+      return _train_and_evaluate(config, workdir)
+    except Exception as error:  # pylint: disable=broad-except
+      # Any write may meet a full disk (metrics, events, checksums, curves); checkpoints report it themselves.
+      full = None if isinstance(error, checkpoints.CheckpointWriteError) else workdir_lib.disk_full_error(
+          error, workdir)
+      if full is None:
+        raise
+      raise full from error
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
