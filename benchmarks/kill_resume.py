@@ -50,8 +50,9 @@ POLL_SECONDS = 0.005
 @dataclasses.dataclass
 class Tally:
   kills: int = 0
-  kills_while_writing: int = 0  # an unfinished `<step>.orbax-checkpoint-tmp` directory existed when the kill landed
-  kills_before_first_step: int = 0  # no new training step was logged by that start
+  kills_while_writing: int = 0  # that start's unfinished `<step>.orbax-checkpoint-tmp` existed when the kill landed
+  kills_before_first_step: int = 0  # that start logged no training step
+  kills_by_mode: dict = dataclasses.field(default_factory=dict)
   starts: int = 0
   unverified_checkpoints: int = 0  # complete, but killed before their checksums were written
   checkpoint_checks: int = 0
@@ -74,9 +75,24 @@ def finish(process: subprocess.Popen, expected_code: int = 0) -> str:
   return output
 
 
-def _writing(checkpoint_dir: str) -> bool:
-  return os.path.isdir(checkpoint_dir) and any(
-      checkpoints.INCOMPLETE_MARKER in name for name in os.listdir(checkpoint_dir))
+def _unfinished(checkpoint_dir: str) -> set[tuple[str, int]]:
+  """The unfinished checkpoint directories (name, inode): those of this start, and those a kill left behind."""
+  found = set()
+  for name in os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else ():
+    if checkpoints.INCOMPLETE_MARKER in name:
+      try:
+        found.add((name, os.stat(os.path.join(checkpoint_dir, name)).st_ino))
+      except FileNotFoundError:  # renamed or deleted meanwhile
+        pass
+  return found
+
+
+def _metrics_lines(workdir: str) -> set[str]:
+  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    return {line for line in f if '"train_loss"' in line}
 
 
 def check_checkpoints(workdir: str, tally: Tally | None = None) -> list[int]:
@@ -139,31 +155,32 @@ def kill_and_resume(workdir: str, epochs: int, cache: str, kills: int, timing: d
   """
   checkpoint_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
   while tally.kills < kills:
-    resumes_from = max(checkpoints.complete_steps(checkpoint_dir), default=0)
+    left_behind, logged_before = _unfinished(checkpoint_dir), _metrics_lines(workdir)
+    writing = lambda: bool(_unfinished(checkpoint_dir) - left_behind)
     process = start(command(workdir, epochs, cache))
     tally.starts += 1
     mode = MODES[tally.kills % len(MODES)]
     if mode == 'start-up':
       _wait_for(process, lambda: False, rng.uniform(0.0, timing['start_up_seconds']))
     elif mode == 'training':
-      if _wait_for(process, lambda: _trained_past(workdir, resumes_from), 600):
+      if _wait_for(process, lambda: bool(_metrics_lines(workdir) - logged_before), 600):
         _wait_for(process, lambda: False, rng.uniform(0.0, 2 * timing['epoch_seconds']))
     else:
       known = set(checkpoints.complete_steps(checkpoint_dir))
-      if _wait_for(process, lambda: _writing(checkpoint_dir)
-                   or set(checkpoints.complete_steps(checkpoint_dir)) - known, 600):
+      if _wait_for(process, lambda: writing() or set(checkpoints.complete_steps(checkpoint_dir)) - known, 600):
         time.sleep(rng.uniform(0.0, 0.02))
     if process.poll() is not None:  # finished before the kill
       output = process.communicate()[0]
       if process.returncode != 0:
         raise AssertionError(f'a resumed run failed:\n{output[-4000:]}')
       return output
-    writing = _writing(checkpoint_dir)
+    was_writing = writing()
     process.kill()
     process.communicate()
     tally.kills += 1
-    tally.kills_while_writing += writing
-    tally.kills_before_first_step += not _trained_past(workdir, resumes_from)
+    tally.kills_while_writing += was_writing
+    tally.kills_before_first_step += not _metrics_lines(workdir) - logged_before  # logged no new training step
+    tally.kills_by_mode[mode] = tally.kills_by_mode.get(mode, 0) + 1
     check_checkpoints(workdir, tally)
   tally.starts += 1
   return finish(start(command(workdir, epochs, cache)))
