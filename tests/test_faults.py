@@ -176,6 +176,47 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
+def test_a_full_disk_while_logging_metrics_is_one_paragraph(tmp_path):
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=BATCH_SIZE, log_every_steps=1)
+  write = reporting.MetricWriter.write
+
+  def full_disk(self, step, epoch, metrics):
+    if step == 5:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+    return write(self, step, epoch, metrics)
+
+  with mock.patch.object(reporting.MetricWriter, 'write', full_disk):
+    with pytest.raises(workdir_lib.DiskFullError) as error:
+      training.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert f'The disk holding {tmp_path} is full' in message and 'metrics.jsonl' in message and '\n' not in message
+  assert 'No checkpoint was complete yet' in message
+  assert not (tmp_path / '.lock').exists()
+
+
+def test_write_errors_of_tensorstore_are_recognized_and_orbax_copies_of_a_full_disk_are_not_printed():
+  from densenet_jax import cli
+
+  full = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 6511 bytes to '
+                    "file 7: No space left on device [os_error_code='28']")
+  assert checkpoints.write_failure(RuntimeError('wrapped')) is None
+  wrapped = RuntimeError('a background save failed')
+  wrapped.__cause__ = full
+  assert checkpoints.write_failure(wrapped)[0] == errno.ENOSPC and checkpoints.is_disk_full(wrapped)
+  assert not checkpoints.is_disk_full(ValueError("PERMISSION_DENIED: ... [os_error_code='13']"))
+
+  def record(path, message, error=None):
+    return logging.LogRecord('absl', logging.ERROR, path, 1, message, None,
+                             (type(error), error, None) if error else None)
+
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', '_src', 'futures', 'future.py')
+  assert cli._reported_disk_full(record(orbax_file, f'_SignalingThread.run() raised an exception: {full}'))
+  assert cli._reported_disk_full(record(orbax_file, 'Failed to run 3 Handler Commit operations', wrapped))
+  assert not cli._reported_disk_full(record(orbax_file, 'Failed to run 3 Handler Commit operations',
+                                            RuntimeError('another failure')))
+  assert not cli._reported_disk_full(record('/somewhere/else.py', str(full)))
+
+
 def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   # tests/test_train_processes.py sends SIGTERM to train.py and checks the exact resume; here the
   # run sends itself a real SIGINT (Ctrl-C) after its third batch.
