@@ -152,8 +152,30 @@ def start(argv: list[str], *, positional: bool = False) -> None:
   if len(argv) > 1 and not positional:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()
+  sys.excepthook = without_late_wake_ups(sys.excepthook)
   keep_accelerators_for_jax()
   parallel.maybe_initialize_distributed()
+
+
+def is_late_wake_up(value: BaseException | None, tb) -> bool:
+  """Whether `value` is a write's completion waking an asyncio loop that orbax already closed.
+
+  tensorstore finishes writes in its own threads and wakes orbax's asyncio loop with call_soon_threadsafe. When a
+  save fails (a full disk), orbax closes the loop while other writes are still under way; each of them then
+  prints a RuntimeError traceback from that native thread. The failure itself reaches the main thread.
+  """
+  return (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed' and tb is not None
+          and tb.tb_frame.f_code.co_name == 'call_soon_threadsafe')  # called from native code: no caller frame
+
+
+def without_late_wake_ups(hook: Callable) -> Callable:
+  """`hook` (sys.excepthook, which native threads' uncaught errors go to) silent for is_late_wake_up errors."""
+
+  def excepthook(exc_type, value, tb):
+    if not is_late_wake_up(value, tb):
+      hook(exc_type, value, tb)
+
+  return excepthook
 
 
 def run_reporting_failures(job: Callable[[], T]) -> T:

@@ -217,6 +217,27 @@ def test_write_errors_of_tensorstore_are_recognized_and_orbax_copies_of_a_full_d
   assert not cli._reported_disk_full(record('/somewhere/else.py', str(full)))
 
 
+def test_late_wake_ups_of_a_closed_event_loop_are_not_printed():
+  import asyncio
+
+  from densenet_jax import cli
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(lambda: None)  # what tensorstore's threads do after a failed save
+  except RuntimeError as error:
+    late = error
+  printed = []
+  hook = cli.without_late_wake_ups(lambda *args: printed.append(args[1]))
+  hook(RuntimeError, late, late.__traceback__.tb_next)  # from a native thread: no caller frame
+  assert not printed
+  hook(RuntimeError, late, late.__traceback__)  # raised by Python code: printed
+  other = ValueError('something else')
+  hook(ValueError, other, None)
+  assert printed == [late, other]
+
+
 def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   # tests/test_train_processes.py sends SIGTERM to train.py and checks the exact resume; here the
   # run sends itself a real SIGINT (Ctrl-C) after its third batch.
