@@ -146,10 +146,10 @@ def _wait_for(process: subprocess.Popen, condition, timeout: float) -> bool:
 
 
 def kill_and_resume(workdir: str, epochs: int, cache: str, kills: int, timing: dict, rng: random.Random,
-                    tally: Tally) -> str:
+                    tally: Tally, modes: tuple[str, ...] = MODES) -> str:
   """Starts the run until `kills` kills have landed, then lets it finish; returns the last start's output.
 
-  Kill i lands in MODES[i % 3]: at a random moment of the start-up (before the reference run's first step), at a
+  Kill i lands in modes[i % len(modes)]: at a random moment of the start-up (before the reference run's first step), at a
   random moment of the first two epochs' time after this start's first step, or a few milliseconds after a
   checkpoint write begins (or, if the poll misses the write, right after the checkpoint appears).
   """
@@ -159,7 +159,7 @@ def kill_and_resume(workdir: str, epochs: int, cache: str, kills: int, timing: d
     writing = lambda: bool(_unfinished(checkpoint_dir) - left_behind)
     process = start(command(workdir, epochs, cache))
     tally.starts += 1
-    mode = MODES[tally.kills % len(MODES)]
+    mode = modes[tally.kills % len(modes)]
     if mode == 'start-up':
       _wait_for(process, lambda: False, rng.uniform(0.0, timing['start_up_seconds']))
     elif mode == 'training':
@@ -199,11 +199,12 @@ def reference_run(workdir: str, epochs: int, cache: str) -> tuple[str, dict]:
   return output, {k: round(v, 2) for k, v in timing.items()}
 
 
-def run(directory: str, kills: int, epochs: int, seed: int, *, warm_up: bool = True, diverge: bool = True) -> dict:
+def run(directory: str, kills: int, epochs: int, seed: int, *, warm_up: bool = True, diverge: bool = True,
+        modes: tuple[str, ...] = MODES) -> dict:
   """The whole experiment in `directory` (emptied first); returns the measured numbers, raises if a check fails.
 
   Without `warm_up` the reference run fills the compilation cache (its start-up time then includes compiling);
-  without `diverge` the diverging run is left out.
+  without `diverge` the diverging run is left out. `modes`: where the kills land, in turn (a subset of MODES).
   """
   shutil.rmtree(directory, ignore_errors=True)
   os.makedirs(directory)
@@ -217,7 +218,7 @@ def run(directory: str, kills: int, epochs: int, seed: int, *, warm_up: bool = T
 
   workdir, tally = os.path.join(directory, 'killed'), Tally()
   began = time.monotonic()
-  output = kill_and_resume(workdir, epochs, cache, kills, timing, rng, tally)
+  output = kill_and_resume(workdir, epochs, cache, kills, timing, rng, tally, modes)
   killed_seconds = time.monotonic() - began
 
   expected, got = logged(reference), logged(workdir)
