@@ -10,7 +10,7 @@ import pytest
 import sklearn.datasets
 import tensorflow as tf
 
-from densenet_jax.data import BadImageError, image_rule, image_scan
+from densenet_jax.data import BadImageError, image_files, image_rule, image_scan
 from densenet_jax.data import pipeline
 from densenet_jax.data import preprocessing as pp
 from densenet_jax.training import checkpoints
@@ -214,3 +214,16 @@ def test_two_processes_check_half_of_the_files_each_and_agree(tmp_path):
   assert results[0][0] == results[1][0] and [p for p, _ in results[0][0]] == sorted(bad)
   assert results[0][1]['checked'] == results[1][1]['checked'] == 8  # each its half of the 16 files
   assert all(reason.startswith('truncated') for _, reason in results[0][0])
+
+
+def test_predict_applies_the_same_rule(tmp_path):
+  spec = image_files.ImageSpec('image_folder', (16, 16, 3), (0, 0, 0), (1, 1, 1))
+  for name in ('GIF', 'GIF - last byte', 'baseline JPEG + trailing bytes', 'baseline JPEG cut in half'):
+    data, expected = SAMPLES[name]
+    path = tmp_path / 'image'
+    path.write_bytes(data)
+    if expected is None:
+      assert image_files.read_image(str(path), spec).shape == (16, 16, 3)
+    else:
+      with pytest.raises(image_files.UnreadableImageError, match=expected):
+        image_files.read_image(str(path), spec)
