@@ -1,11 +1,12 @@
 """Kills a tiny training run with SIGKILL at random moments and resumes it until it finishes; checks what is left.
 
-  python -m benchmarks.kill_resume --kills 20 --dir /tmp/kill_resume      # from the repository root
+  python -m benchmarks.kill_resume --kills 20 --epochs 20 --dir /tmp/kill_resume      # from the repository root
 
 What it does: one uninterrupted run of a tiny config (digits, a one-layer-per-block DenseNet-BC) as the reference;
 then the same config in another workdir, started again and again with `python train.py` and killed with `kill -9`
 at a random moment of its start-up, of its training, or of a checkpoint write (in turn), until `--kills` kills
-have landed; then it runs to the end. After each kill the complete checkpoints must match their checksums; at the end
+have landed (`kills` in the result is fewer if the run finished first: give more `--epochs`); then it runs to
+the end. After each kill the complete checkpoints must match their checksums; at the end
 metrics.jsonl must hold every logged step exactly once and in order, with the reference's values, the final
 metrics and weights must equal the reference's bit for bit, and every checkpoint must hold finite values. Last, a
 diverging run (learning rate 1e6) must stop with exit code 1 and leave only finite checkpoints. The numbers of the
@@ -239,7 +240,7 @@ def run(directory: str, kills: int, epochs: int, seed: int, *, warm_up: bool = T
     raise AssertionError('a checkpoint holds a non-finite value')
 
   result = dict(
-      **dataclasses.asdict(tally), epochs=epochs, seed=seed,
+      **dataclasses.asdict(tally), kills_asked=kills, epochs=epochs, seed=seed,
       logged_train_steps=len(got['train_loss'][0]), logged_eval_steps=len(got['eval_loss'][0]),
       final_metrics=final, final_checkpoints=final_steps, **timing,
       killed_and_resumed_seconds=round(killed_seconds, 1), host_cpus=os.cpu_count(),
@@ -262,7 +263,7 @@ def run(directory: str, kills: int, epochs: int, seed: int, *, warm_up: bool = T
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--kills', type=int, default=20)
-  parser.add_argument('--epochs', type=int, default=8, help='11 steps each')
+  parser.add_argument('--epochs', type=int, default=20, help='11 steps each; the run must last for all the kills')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--dir', default='/tmp/kill_resume', help='emptied, then used for the workdirs')
   parser.add_argument('--json', default=None, help='also write the result to this file')
