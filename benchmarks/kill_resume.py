@@ -51,7 +51,7 @@ POLL_SECONDS = 0.005
 @dataclasses.dataclass
 class Tally:
   kills: int = 0
-  kills_while_writing: int = 0  # that start's unfinished `<step>.orbax-checkpoint-tmp` existed when the kill landed
+  kills_while_writing: int = 0  # that start's unfinished `<step>.orbax-checkpoint-tmp` existed at the kill
   kills_before_first_step: int = 0  # that start logged no training step
   kills_by_mode: dict = dataclasses.field(default_factory=dict)
   starts: int = 0
@@ -150,9 +150,9 @@ def kill_and_resume(workdir: str, epochs: int, cache: str, kills: int, timing: d
                     tally: Tally, modes: tuple[str, ...] = MODES) -> str:
   """Starts the run until `kills` kills have landed, then lets it finish; returns the last start's output.
 
-  Kill i lands in modes[i % len(modes)]: at a random moment of the start-up (before the reference run's first step), at a
-  random moment of the first two epochs' time after this start's first step, or a few milliseconds after a
-  checkpoint write begins (or, if the poll misses the write, right after the checkpoint appears).
+  Kill i lands in modes[i % len(modes)]: at a random moment of the start-up (before the reference run's first
+  step), at a random moment of the first two epochs' time after this start's first step, or a few milliseconds
+  after a checkpoint write begins (or, if the poll misses the write, right after the checkpoint appears).
   """
   checkpoint_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
   while tally.kills < kills:

@@ -50,7 +50,8 @@ def file_keys(root: str, paths: Sequence[str], workers: int) -> np.ndarray:
     stats = list(pool.map(_size_and_mtime, paths, chunksize=256))
   keys = np.empty(len(paths), np.uint64)
   for i, (path, (size, mtime)) in enumerate(zip(paths, stats)):
-    text = f'{RULE_VERSION}\0{os.path.relpath(path, root) if not _is_remote(root) else path[len(root):]}\0{size}\0{mtime}'
+    relative = path[len(root):] if _is_remote(root) else os.path.relpath(path, root)
+    text = f'{RULE_VERSION}\0{relative}\0{size}\0{mtime}'
     keys[i] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), 'little')
   return keys
 
@@ -146,8 +147,9 @@ def find_bad_files(
   for i in np.flatnonzero(bad):  # found by another process: its reason, read again here
     if int(i) not in reasons:
       reasons[int(i)] = image_rule.file_problem(paths[i]) or 'found bad by another process'
-  record = remember(root, np.concatenate([load_remembered(root), keys[~bad]])) if len(todo) or not known.all() \
-      else None
+  record = None
+  if not known.all():  # something was checked here or by another process
+    record = remember(root, np.concatenate([load_remembered(root), keys[~bad]]))
   bad_files = [(paths[i], reasons[int(i)]) for i in np.flatnonzero(bad)]
   return bad_files, dict(files=len(paths), checked=len(todo), remembered=int(known.sum()), record=record)
 
