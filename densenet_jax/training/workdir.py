@@ -41,7 +41,7 @@ COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoint
 
 
 class DiskFullError(RuntimeError):
-  """A write into the workdir (metrics, TensorBoard events, checksums, curves) failed: its file system is full."""
+  """A write into the workdir (metrics, TensorBoard events, curves) failed: its file system is full."""
 
 
 def disk_full_error(error: BaseException, workdir: str) -> DiskFullError | None:
