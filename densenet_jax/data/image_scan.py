@@ -59,7 +59,8 @@ def file_keys(root: str, paths: Sequence[str], workers: int) -> np.ndarray:
 def cache_locations(root: str) -> list[str]:
   """Where the files found good are remembered, in order of preference."""
   user_cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  name = hashlib.sha256(root.rstrip('/').encode()).hexdigest()[:32] + '.npy'
+  where = root if _is_remote(root) else os.path.abspath(root)
+  name = hashlib.sha256(where.rstrip('/').encode()).hexdigest()[:32] + '.npy'
   return [os.path.join(root, CACHE_NAME), os.path.join(user_cache, USER_CACHE_SUBDIR, name)]
 
 
