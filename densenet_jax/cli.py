@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from densenet_jax import cloud
 from densenet_jax import config as config_lib
 from densenet_jax import data, model, xla_flags
-from densenet_jax.training import checkpoints, lock, parallel, steps, stopping
+from densenet_jax.training import checkpoints, lock, parallel, steps, stopping, workdir
 
 T = TypeVar('T')
 
@@ -33,6 +33,7 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
     data.BadImageError: ('Data error', 2),
     checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
+    workdir.DiskFullError: ('Disk full', 1),
     checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),
 }
 
@@ -66,10 +67,22 @@ def show_only_own_info_logs() -> None:
 
   def own_or_important(record: python_logging.LogRecord) -> bool:
     path = os.path.abspath(record.pathname)
+    if _reported_disk_full(record):
+      return False
     return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
             or os.path.dirname(path) == scripts)
 
   logging.get_absl_handler().addFilter(own_or_important)
+
+
+def _reported_disk_full(record: python_logging.LogRecord) -> bool:
+  """An error that orbax logs, with its traceback, from its writer threads when the disk is full: the main thread
+  gets the same error and the run reports it in one paragraph (FAILURES)."""
+  if f'{os.sep}orbax{os.sep}' not in record.pathname:
+    return False
+  error = record.exc_info[1] if record.exc_info else None
+  return ((error is not None and checkpoints.is_disk_full(error))
+          or checkpoints.is_disk_full(RuntimeError(record.getMessage())))
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -141,8 +154,30 @@ def start(argv: list[str], *, positional: bool = False) -> None:
   if len(argv) > 1 and not positional:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()
+  sys.excepthook = without_late_wake_ups(sys.excepthook)
   keep_accelerators_for_jax()
   parallel.maybe_initialize_distributed()
+
+
+def is_late_wake_up(value: BaseException | None, tb) -> bool:
+  """Whether `value` is a write's completion waking an asyncio loop that orbax already closed.
+
+  tensorstore finishes writes in its own threads and wakes orbax's asyncio loop with call_soon_threadsafe. When a
+  save fails (a full disk), orbax closes the loop while other writes are still under way; each of them then
+  prints a RuntimeError traceback from that native thread. The failure itself reaches the main thread.
+  """
+  return (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed' and tb is not None
+          and tb.tb_frame.f_code.co_name == 'call_soon_threadsafe')  # called from native code: no caller frame
+
+
+def without_late_wake_ups(hook: Callable) -> Callable:
+  """`hook` (sys.excepthook, which native threads' uncaught errors go to) silent for is_late_wake_up errors."""
+
+  def excepthook(exc_type, value, tb):
+    if not is_late_wake_up(value, tb):
+      hook(exc_type, value, tb)
+
+  return excepthook
 
 
 def run_reporting_failures(job: Callable[[], T]) -> T:

@@ -112,9 +112,14 @@ def write_atomically(path: str, data: str | bytes) -> None:
       f.write(data)
     return
   tmp = path + '.tmp'
-  with open(tmp, mode) as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, mode) as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except OSError:
+    if os.path.exists(tmp):  # e.g. cut short by a full disk: leave no half-written file behind
+      os.remove(tmp)
+    raise
 
 
 def append_text(path: str, text: str) -> None:
@@ -139,6 +144,15 @@ def walk_files(directory: str) -> Iterator[str]:
   for root, _, files in os.walk(directory):
     for name in files:
       yield os.path.relpath(os.path.join(root, name), directory)
+
+
+def cloud_file_stats(directory: str) -> dict[str, tuple[int, int]]:
+  """{path relative to the gs:// `directory`: (size in bytes, last update in ns)} of every object under it, from one
+  paged listing (a stat per object would be a request per file)."""
+  bucket, name = split_url(absolute(directory))
+  prefix = f'{name}/' if name else ''
+  return {blob.name[len(prefix):]: (blob.size, int(blob.updated.timestamp() * 1e9))
+          for blob in cloud.storage_client().list_blobs(bucket, prefix=prefix) if not blob.name.endswith('/')}
 
 
 def walk_order(relative_path: str) -> tuple:

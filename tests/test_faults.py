@@ -4,6 +4,7 @@ docs/faults.md lists every failure with what the program does and what the user 
 """
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -77,7 +78,7 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
       'is not a valid config': ([f'--workdir={tmp_path / "truncated"}'], {}),
       'cannot be used: Not a directory': ([f'--workdir={tmp_path / "a_file" / "run"}'], {}),
       'cannot be used: File exists': ([f'--workdir={tmp_path / "a_file"}'], {}),
-  }, 'Could not decode': ([
+  }, 'cannot be used': ([
       '--config.dataset=image_folder', f'--config.data_dir={tmp_path / "images"}', '--config.image_size=32',
       '--config.eval_split=val', '--config.batch_size=8', '--config.augment=False'], {})}
   processes = {  # All at once: each spends its few seconds importing, then fails before compiling.
@@ -175,6 +176,68 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
+def test_a_full_disk_while_logging_metrics_is_one_paragraph(tmp_path):
+  config = tiny_config(num_epochs=1, lr_boundaries_epochs=(), batch_size=BATCH_SIZE, log_every_steps=1)
+  write = reporting.MetricWriter.write
+
+  def full_disk(self, step, epoch, metrics):
+    if step == 5:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+    return write(self, step, epoch, metrics)
+
+  with mock.patch.object(reporting.MetricWriter, 'write', full_disk):
+    with pytest.raises(workdir_lib.DiskFullError) as error:
+      training.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert f'The disk holding {tmp_path} is full' in message and 'metrics.jsonl' in message and '\n' not in message
+  assert 'No checkpoint was complete yet' in message
+  assert not (tmp_path / '.lock').exists()
+
+
+def test_write_errors_of_tensorstore_are_recognized_and_orbax_copies_of_a_full_disk_are_not_printed():
+  from densenet_jax import cli
+
+  full = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 6511 bytes to '
+                    "file 7: No space left on device [os_error_code='28']")
+  assert checkpoints.write_failure(RuntimeError('wrapped')) is None
+  wrapped = RuntimeError('a background save failed')
+  wrapped.__cause__ = full
+  assert checkpoints.write_failure(wrapped)[0] == errno.ENOSPC and checkpoints.is_disk_full(wrapped)
+  assert not checkpoints.is_disk_full(ValueError("PERMISSION_DENIED: ... [os_error_code='13']"))
+
+  def record(path, message, error=None):
+    return logging.LogRecord('absl', logging.ERROR, path, 1, message, None,
+                             (type(error), error, None) if error else None)
+
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', '_src', 'futures', 'future.py')
+  assert cli._reported_disk_full(record(orbax_file, f'_SignalingThread.run() raised an exception: {full}'))
+  assert cli._reported_disk_full(record(orbax_file, 'Failed to run 3 Handler Commit operations', wrapped))
+  assert not cli._reported_disk_full(record(orbax_file, 'Failed to run 3 Handler Commit operations',
+                                            RuntimeError('another failure')))
+  assert not cli._reported_disk_full(record('/somewhere/else.py', str(full)))
+
+
+def test_late_wake_ups_of_a_closed_event_loop_are_not_printed():
+  import asyncio
+
+  from densenet_jax import cli
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(lambda: None)  # what tensorstore's threads do after a failed save
+  except RuntimeError as error:
+    late = error
+  printed = []
+  hook = cli.without_late_wake_ups(lambda *args: printed.append(args[1]))
+  hook(RuntimeError, late, late.__traceback__.tb_next)  # from a native thread: no caller frame
+  assert not printed
+  hook(RuntimeError, late, late.__traceback__)  # raised by Python code: printed
+  other = ValueError('something else')
+  hook(ValueError, other, None)
+  assert printed == [late, other]
+
+
 def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   # tests/test_train_processes.py sends SIGTERM to train.py and checks the exact resume; here the
   # run sends itself a real SIGINT (Ctrl-C) after its third batch.
@@ -258,6 +321,20 @@ def test_a_resumed_run_logs_each_step_once_and_in_order(finished_run, tmp_path):
   resumed = reporting.read_metrics(str(workdir))
   assert [r['train_loss'] for r in resumed if 'train_loss' in r] == [
       r['train_loss'] for r in expected if 'train_loss' in r]
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_evaluation_ends_like_an_uninterrupted_one(
+    finished_run, tmp_path):
+  config, workdir, uninterrupted = _copy(finished_run, tmp_path)
+  expected = reporting.read_metrics(str(workdir))
+  assert training.train_and_evaluate(config, str(workdir)) == uninterrupted  # a rerun of the finished run
+  assert reporting.read_metrics(str(workdir)) == expected
+  # Killed after the last checkpoint was written, before its evaluation was logged: evaluated on resume.
+  last_eval = max(i for i, r in enumerate(expected) if 'eval_loss' in r)
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in expected[:last_eval])
+  assert training.train_and_evaluate(config, str(workdir)) == uninterrupted
+  assert reporting.read_metrics(str(workdir)) == expected
 
 
 def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from densenet_jax.data import batching
+from densenet_jax.data import batching, image_rule
 from densenet_jax.data import preprocessing as pp
 from densenet_jax.data import sources
 
@@ -37,7 +37,7 @@ def train_batches(data_dir, layout, seed, augment, start_step, image_size):
   def make_example(k):
     step, j = k // layout.local_batch, k % layout.local_batch
     idx = indices(step, j)
-    data = tf.io.read_file(tf.gather(paths_var, idx))
+    data = image_rule.checked(tf.io.read_file(tf.gather(paths_var, idx)))
     if augment:
       key = batching.example_key(augment_key, step, layout.global_positions(0, j))
       image = pp.imagenet_train_image(data, key, image_size)
@@ -47,7 +47,7 @@ def train_batches(data_dir, layout, seed, augment, start_step, image_size):
 
   def locate_bad_files(n):
     step = tf.constant(start_step + n, tf.int64)
-    return sources.find_undecodable(paths[indices(step, tf.range(layout.local_batch, dtype=tf.int64)).numpy()])
+    return image_rule.bad_files(paths[indices(step, tf.range(layout.local_batch, dtype=tf.int64)).numpy()])
 
   ds = tf.data.Dataset.range(start_step * layout.local_batch, batching.INT64_MAX)
   ds = ds.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -63,12 +63,13 @@ def eval_batches(data_dir, split, layout, image_size, ten_crop):
   def make_example(k):
     positions = layout.global_positions(k // layout.local_batch, k % layout.local_batch)
     idx = tf.minimum(positions, num - 1)
-    image = pp.imagenet_eval_image(tf.io.read_file(tf.gather(paths_var, idx)), image_size, ten_crop)
+    data = image_rule.checked(tf.io.read_file(tf.gather(paths_var, idx)))
+    image = pp.imagenet_eval_image(data, image_size, ten_crop)
     return batching.padded_eval_example(image, tf.gather(labels_var, idx), positions < num)
 
   def locate_bad_files(n):
     positions = layout.global_positions(n, np.arange(layout.local_batch))
-    return sources.find_undecodable(paths[np.minimum(positions, num - 1)])
+    return image_rule.bad_files(paths[np.minimum(positions, num - 1)])
 
   num_batches = math.ceil(num / layout.global_batch)
   ds = tf.data.Dataset.range(num_batches * layout.local_batch)

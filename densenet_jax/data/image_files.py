@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from densenet_jax import storage
+from densenet_jax.data import image_rule
 from densenet_jax.data import preprocessing as pp
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')  # what TensorFlow decodes; GIF: the first frame
@@ -102,6 +103,10 @@ def read_image(path: str, spec: ImageSpec) -> np.ndarray:
   if storage.isdir(path):
     raise UnreadableImageError(f'{path}: a folder')
   try:
-    return preprocess(tf.io.read_file(path), spec).numpy()
+    data = tf.io.read_file(path)
+    reason = image_rule.stream_problem(data.numpy())  # the rule training applies (image_rule)
+    if reason is not None:
+      raise UnreadableImageError(f'{path}: {reason}')
+    return preprocess(data, spec).numpy()
   except tf.errors.OpError as error:
     raise UnreadableImageError(f'{path}: {_one_line(error)}') from None

@@ -16,15 +16,16 @@ Order and randomness (see docs/data.md):
 
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
-from densenet_jax.data import DATASET_NAMES, DatasetInfo, arrays, batching, folders, imagenet
+from densenet_jax.data import DATASET_NAMES, DatasetInfo, arrays, batching, folders, image_scan, imagenet
 from densenet_jax.data import preprocessing as pp
 from densenet_jax.data import sources
 from densenet_jax.data.batching import check_batch_size
 
-__all__ = ['DATASET_NAMES', 'DatasetInfo', 'check_batch_size', 'create_eval_iterator', 'create_train_iterator',
-           'get_dataset_info']
+__all__ = ['DATASET_NAMES', 'DatasetInfo', 'check_batch_size', 'check_image_files', 'create_eval_iterator',
+           'create_train_iterator', 'get_dataset_info']
 
 
 def image_file_normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -109,6 +110,27 @@ def get_dataset_info(
       {'test': spec['num_eval_examples']},
   )
 
+
+
+def check_image_files(
+    dataset: str, splits, *, data_dir: str | None = None, process_index: int | None = None,
+    process_count: int | None = None, progress: bool = False,
+) -> dict | None:
+  """Image folders: checks every file of `splits` by image_rule's rule before anything reads them; raises
+  BadImageError listing the bad ones. Files found good are remembered (image_scan), so an unchanged folder is not
+  read again. Returns what was done (None for the other datasets: TFDS data is validated when prepared).
+
+  Every process must call it (multi-host: each checks its share of the files; see image_scan).
+  """
+  if dataset != 'image_folder':
+    return None
+  folder = sources.list_image_folder(data_dir)
+  wanted = {split: folder.splits[split][0] for split in dict.fromkeys(splits) if split in folder.splits}
+  return image_scan.check_splits(
+      folder.root, wanted, progress=progress,
+      process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -253,17 +253,6 @@ def list_image_folder(root: str | None, only_split: str | None = None) -> ImageF
   return ImageFolder(root=root, class_names=tuple(class_names), split_names=tuple(split_names), splits=splits)
 
 
-def find_undecodable(paths) -> list[tuple[str, str]]:
-  """(path, error) for each file that TensorFlow cannot decode as an image."""
-  bad = []
-  for path in dict.fromkeys(paths):
-    try:
-      tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-      bad.append((path, e.message.strip().splitlines()[0]))
-  return bad
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Synthetic
 

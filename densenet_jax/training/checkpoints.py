@@ -16,6 +16,7 @@ newest intact one.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,15 +70,29 @@ def incomplete_checkpoints(directory: str) -> list[str]:
   return sorted(name for name in storage.listdir(directory) if INCOMPLETE_MARKER in name)
 
 
-def _os_error_in(error: BaseException) -> OSError | None:
-  """The OSError behind `error` (orbax re-raises errors of its background threads, sometimes wrapped)."""
+# How tensorstore (orbax's array writer) reports a failed write: a ValueError, not an OSError, carrying the errno.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failure(error: BaseException) -> tuple[int, str] | None:
+  """(errno, one-line description) of the failed file write behind `error` (an OSError, or a tensorstore error that
+  carries an OS error code, possibly wrapped by orbax's threads), or None if `error` is something else."""
   seen = set()
   while error is not None and id(error) not in seen:
-    if isinstance(error, OSError):
-      return error
+    if isinstance(error, OSError) and error.errno is not None:
+      return error.errno, str(error)
+    match = _OS_ERROR_CODE.search(str(error))
+    if match:
+      return int(match.group(1)), _first_line(error)
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+  failure = write_failure(error)
+  return failure is not None and failure[0] in DISK_FULL_ERRNOS
 
 
 class Checkpointer:
@@ -114,12 +129,13 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def _raise_if_write_error(self, step: int | None, error: BaseException) -> None:
-    """Raises CheckpointWriteError from `error` when an OSError (disk full, lost mount) caused it."""
-    cause = _os_error_in(error)
-    if cause is None:
+    """Raises CheckpointWriteError from `error` when a failed file write (disk full, lost mount) caused it."""
+    failure = write_failure(error)
+    if failure is None:
       return
     self._failed = True
-    what = 'the disk is full' if cause.errno in (errno.ENOSPC, errno.EDQUOT) else 'the write failed'
+    code, cause = failure
+    what = 'the disk is full' if code in DISK_FULL_ERRNOS else 'the write failed'
     steps = complete_steps(self.directory)
     kept = (f'The complete checkpoints there (steps {", ".join(map(str, steps))}) are untouched; '
             f'free space or fix the directory, then run the same command again to resume from step '
@@ -192,9 +208,13 @@ class Checkpointer:
       raise
     if self._saving is not None and self._primary:
       step_dir = f'{self.directory}/{self._saving}'
-      if _is_complete(step_dir):  # Overwrites checksums left by an earlier checkpoint of the same step.
-        integrity.record(step_dir)
-      integrity.remove_orphans(self.directory)
+      try:
+        if _is_complete(step_dir):  # Overwrites checksums left by an earlier checkpoint of the same step.
+          integrity.record(step_dir)
+        integrity.remove_orphans(self.directory)
+      except OSError as error:  # The checkpoint itself is complete: it stays, unverified.
+        self._raise_if_write_error(self._saving, error)
+        raise
     self._saving = None
 
   def close(self) -> None:

@@ -116,13 +116,22 @@ def use_compilation_cache(directory: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates `config` in `workdir`; returns the final metrics.
 
-  Raises lock.WorkdirBusy if another process trains in `workdir`.
+  Raises lock.WorkdirBusy if another process trains in `workdir`, workdir.DiskFullError or
+  checkpoints.CheckpointWriteError if its disk fills up.
   """
   config_lib.validate(config)
   _check_buckets(('--workdir', workdir), ('config.data_dir', config.data_dir), ('config.init_from', config.init_from))
   workdir = workdir_lib.prepare(workdir)
   with lock.held(workdir, enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir)
+    try:
+      return _train_and_evaluate(config, workdir)
+    except Exception as error:  # pylint: disable=broad-except
+      # Any write may meet a full disk (metrics, events, checksums, curves); checkpoints report it themselves.
+      full = None if isinstance(error, checkpoints.CheckpointWriteError) else workdir_lib.disk_full_error(
+          error, workdir)
+      if full is None:
+        raise
+      raise full from error
 
 
 def _check_buckets(*named_paths: tuple[str, str | None]) -> None:
@@ -139,6 +148,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   mesh = parallel.create_mesh()
   info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
   config_lib.validate_against_data(config, info, jax.device_count())
+  pipeline.check_image_files(config.dataset, ('train', config.eval_split), data_dir=config.data_dir,
+                             progress=config.progress_bar and jax.process_index() == 0)
   steps_per_epoch = info.num_train_examples // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
 
@@ -202,6 +213,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   best_accuracy = -1.0
   final: dict[str, float] = {}
   try:  # The writer is closed on every exit: its background thread must not outlive the run.
+    if restored is not None and _evaluation_due(start_step, steps_per_epoch, total_steps, config.eval_every_epochs):
+      # The checkpoint is written before its evaluation, so a run killed in between resumes here without it; a
+      # finished run's rerun returns its final metrics too. Every process evaluates (a collective computation).
+      final = _prefixed(evaluate(state), 'eval', info.num_classes)
+      if jax.process_index() == 0 and not reporting.has_record(workdir, start_step, 'eval_loss'):
+        writer.write(start_step, start_step // steps_per_epoch, final)
     try:
       with _StopSignal() as stop:
         for step in range(start_step + 1, total_steps + 1):
@@ -232,7 +249,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           if preempted:
             logging.warning('Stopped at step %d; run the same command again to resume.', step)
             return {'step': step, 'preempted': 1.0}
-          if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
+          if _evaluation_due(step, steps_per_epoch, total_steps, config.eval_every_epochs):
             final = _prefixed(evaluate(state), 'eval', info.num_classes)
             writer.write(step, epoch, final)
             progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
@@ -262,6 +279,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   finally:
     writer.close()
   return {'step': total_steps, **final}
+
+
+def _evaluation_due(step: int, steps_per_epoch: int, total_steps: int, eval_every_epochs: int) -> bool:
+  epoch, epoch_end = divmod(step, steps_per_epoch)
+  return step > 0 and epoch_end == 0 and (epoch % eval_every_epochs == 0 or step == total_steps)
 
 
 def _summarize_train_metrics(pending, step: int, steps_per_epoch: int, last_saved: int | None) -> dict[str, float]:

@@ -75,6 +75,11 @@ def cut_metrics_back(workdir: str, step: int) -> None:
   storage.write_atomically(path, ''.join(kept))
 
 
+def has_record(workdir: str, step: int, key: str) -> bool:
+  """Whether metrics.jsonl holds a record of `step` with `key`."""
+  return any(r['step'] == step and key in r for r in read_metrics(workdir))
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = f'{workdir}/{workdir_lib.METRICS_FILE}'
   if not storage.exists(path):

@@ -43,6 +43,23 @@ COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoint
                              'checkpoint_every_epochs', 'eval_every_epochs'})
 
 
+class DiskFullError(RuntimeError):
+  """A write into the workdir (metrics, TensorBoard events, curves) failed: its file system is full."""
+
+
+def disk_full_error(error: BaseException, workdir: str) -> DiskFullError | None:
+  """The one-paragraph DiskFullError for `error` if a full disk caused it, else None."""
+  if not checkpoints.is_disk_full(error):
+    return None
+  _, cause = checkpoints.write_failure(error)
+  directory = os.path.join(workdir, CHECKPOINTS_DIR)
+  steps = checkpoints.complete_steps(directory)
+  kept = (f'The complete checkpoints in {directory} (steps {", ".join(map(str, steps))}) are untouched; free '
+          f'space, then run the same command again to resume from step {steps[-1]}.' if steps else
+          'No checkpoint was complete yet; free space and run the same command again to start over.')
+  return DiskFullError(f'The disk holding {workdir} is full: a write failed ({cause}). {kept}')
+
+
 def prepare(workdir: str) -> str:
   """Creates `workdir` if needed and checks that files can be written there; returns its absolute path (or URL).
 
