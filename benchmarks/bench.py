@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
                                                      args.rounds, args.steps)
   load_during = machine_load.others(during_start, machine_load.sample())
   result['step_seconds'] = round(_median(train['jax']), 4)
+  result['step_cpu_seconds'] = round(statistics.median(t.cpu for t in train['jax']), 4)
   result['images_per_second'] = round(args.batch / _median(train['jax']), 2)
   if evals:
     result['eval_images_per_second'] = round(args.batch / _median(evals['jax']), 2)
@@ -290,6 +291,7 @@ def run(args: argparse.Namespace) -> dict:
         implementation=reference.description,
         images_per_second=round(args.batch / _median(train['reference']), 2),
         step_seconds=round(_median(train['reference']), 4),
+        step_cpu_seconds=round(statistics.median(t.cpu for t in train['reference']), 4),
     )
     if evals:
       result['reference']['eval_images_per_second'] = round(args.batch / _median(evals['reference']), 2)

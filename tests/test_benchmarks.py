@@ -42,12 +42,14 @@ def test_bench_against_pytorch_writes_the_promised_json(tmp_path):
                          '--json', str(out)], check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
   result = json.loads(out.read_text())
   for key in ('model', 'batch', 'image_size', 'dtype', 'memory_efficient', 'device', 'images_per_second',
-              'compile_seconds', 'temp_bytes', 'eval_images_per_second', 'xla_flags', 'cpu_family', 'usable_cpus'):
+              'compile_seconds', 'temp_bytes', 'eval_images_per_second', 'xla_flags', 'cpu_family', 'usable_cpus',
+              'step_cpu_seconds'):
     assert key in result, key
   assert result['model'] == 'densenet_l40_k12' and result['image_size'] == 8 and result['temp_bytes'] > 0
   reference = result['reference']
   assert reference['implementation'].startswith('PyTorch') and reference['images_per_second'] > 0
-  assert reference['eval_images_per_second'] > 0 and not reference['checkpointing']
+  assert reference['eval_images_per_second'] > 0 and reference['step_cpu_seconds'] > 0
+  assert not reference['checkpointing']
   # Every thread count from 1 to the usable CPUs, then both memory formats at the fastest; the fastest kept.
   sweep = reference['sweep']
   by_threads, by_format = sweep['step_seconds_by_threads'], sweep['step_seconds_by_memory_format']
