@@ -115,6 +115,11 @@ def build_torch_net(name: str, model: model_lib.DenseNet):
   return torch_reference.build_torch_densenet(model), 'benchmarks.torch_reference'
 
 
+def sweep_thread_counts(requested: tuple[int, ...] | None, cpus: int) -> tuple[int, ...]:
+  """The thread counts PyTorch is timed with: the requested ones, or every count from 1 to the usable CPUs."""
+  return tuple(requested) if requested else tuple(range(1, cpus + 1))
+
+
 class TorchRunner:
   """The same architecture, batch and optimizer in PyTorch, at its best on this machine.
 
@@ -141,7 +146,7 @@ class TorchRunner:
     if self.gpu:
       self._configure(torch.get_num_threads(), 'channels_last')
     else:
-      self.sweep = self._choose_threads_and_format(thread_counts or range(1, common.cpu_count() + 1),
+      self.sweep = self._choose_threads_and_format(sweep_thread_counts(thread_counts, common.cpu_count()),
                                                    sweep_rounds, sweep_steps)
     self.optimizer = self._optimizer()  # Fresh momentum buffers, in the chosen memory format.
     self.net = torch.compile(self.eager) if compile_model else self.eager
@@ -359,6 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1 or args.rounds < 1 or args.sweep_rounds < 1 or args.sweep_steps < 1:
     parser.error('--batch, --steps, --rounds, --sweep_rounds and --sweep_steps must be at least 1.')
+  if args.load_probe_seconds <= 0:
+    parser.error('--load_probe_seconds must be positive: a ratio needs the machine seen idle before the run.')
   if args.torch_threads is not None:
     try:
       args.torch_threads = tuple(int(t) for t in args.torch_threads.split(','))
