@@ -33,7 +33,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +44,6 @@ cli.prepare_environment()  # Before JAX starts: train.py's XLA flags (remat kept
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from benchmarks import common, machine_load  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
