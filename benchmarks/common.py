@@ -10,22 +10,31 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import optax
 
-from densenet_jax import xla_flags
+from densenet_jax import cpu_family, xla_flags
 from densenet_jax.training import optim
 
 # XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
 YNNPACK_CONVOLUTIONS = {xla_flags.YNN_FUSION_TYPE: ','.join(xla_flags.YNN_FUSION_TYPES_XLA_DEFAULT)}
 
 
+def cpu_count() -> int:
+  """The CPUs this process may run on (its affinity mask where the OS has one), which XLA:CPU's pool uses."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
 def environment() -> dict:
   """The facts every benchmark result records about where it ran."""
   device = jax.devices()[0]
-  return dict(device=f'{device.platform}: {device.device_kind}', host_cpus=os.cpu_count(),
-              jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
+  return dict(device=f'{device.platform}: {device.device_kind}', host_cpus=os.cpu_count(), usable_cpus=cpu_count(),
+              cpu_family=cpu_family.host(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
 def paper_optimizer() -> tuple[optax.Schedule, optax.GradientTransformation]:
@@ -42,22 +51,38 @@ def report(result: dict, json_path: str | None) -> None:
       json.dump(result, f, indent=2)
 
 
-def timed(fn, repeats: int) -> list[float]:
-  times = []
+class Timing(NamedTuple):
+  """One call: wall seconds, and this process's CPU seconds (all threads) over the same interval."""
+
+  wall: float
+  cpu: float
+
+
+def timed_calls(fn, repeats: int) -> list[Timing]:
+  timings = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - start)
-  return times
+    timings.append(Timing(time.perf_counter() - start, time.process_time() - cpu_start))
+  return timings
+
+
+def timed(fn, repeats: int) -> list[float]:
+  return [timing.wall for timing in timed_calls(fn, repeats)]
+
+
+def alternate(fns: Mapping[str, Callable[[], object]], rounds: int, steps: int = 1) -> dict[str, list[Timing]]:
+  """Every round runs each function `steps` times in turn, so that all see the same machine state (a shared
+  machine drifts by more than the differences measured); each call's wall and CPU time."""
+  timings = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      timings[name] += timed_calls(fn, steps)
+  return timings
 
 
 def take_turns(fns: Mapping[str, Callable[[], object]], rounds: int, steps: int = 1) -> dict[str, list[float]]:
-  """Seconds of each call: every round runs each function `steps` times in turn, so that all see the same
-  machine state (this shared machine drifts by more than the differences measured)."""
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      times[name] += timed(fn, steps)
-  return times
+  """Wall seconds of each call of `alternate`."""
+  return {name: [timing.wall for timing in timings] for name, timings in alternate(fns, rounds, steps).items()}
 
 

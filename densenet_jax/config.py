@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_norm_group_size = ml_collections.FieldReference(None, field_type=int)
   config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
   # How convolutions are written for the compiler (densenet_jax/model/kernels.py): 'xla', 'cpu', or None for the
-  # measured default of the backend the run computes on. Every choice computes the same function.
+  # measured default of the backend (on CPUs, of the CPU family) the run computes on. Every choice computes the
+  # same function.
   config.kernels = ml_collections.FieldReference(None, field_type=str)
 
   # Data (densenet_jax.data).

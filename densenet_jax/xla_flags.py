@@ -13,13 +13,15 @@ the remat below).
 * `CPU_CONVOLUTIONS_ON_EIGEN`: XLA:CPU hands convolutions, matmuls and reductions to YNNPACK by default.
   For DenseNet's 3x3 convolutions (forward and both gradients) YNNPACK is 2-3x slower than XLA's Eigen
   kernels, so this keeps matmuls and reductions on YNNPACK and gives convolutions back to Eigen: train
-  steps 1.3x (DenseNet-BC L=100) and 1.5x (DenseNet-121) faster on CPU (docs/performance.md). The flag
-  is experimental and an unknown flag in XLA_FLAGS aborts the process, so it is set only for the jaxlib
-  releases it was measured on (`CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB`). Other backends ignore it.
+  steps 1.3x (DenseNet-BC L=100) and 1.5x (DenseNet-121) faster on AMD's AVX2 cores, and 0.97x and 0.89x
+  on Intel's AVX-512 ones (docs/performance.md). So it is set only on the CPU families where it won
+  (densenet_jax/cpu_family.py), and, because the flag is experimental and an unknown flag in XLA_FLAGS
+  aborts the process, only for the jaxlib releases it was measured on (`CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB`).
+  Other backends ignore it.
 
 Other XLA:CPU flags that promise speed (oneDNN kernels, XNNPACK graph fusion, optimization presets)
 were measured and gave DenseNet nothing worth a default; see docs/performance.md. This module imports
-neither JAX nor TensorFlow, so it can run before either starts.
+neither JAX nor TensorFlow (cpu_family.py neither), so it can run before either starts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from collections.abc import MutableMapping, Sequence
+
+from densenet_jax import cpu_family
 
 KEEP_REMAT_ON_CPU = '--xla_disable_hlo_passes=cse_barrier_expander'
 YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
@@ -55,18 +59,20 @@ def _installed_jaxlib() -> str | None:
     return None
 
 
-def default_flags(jaxlib_version: str | None) -> tuple[str, ...]:
-  """The flags the entry points set for this jaxlib release (see the module docstring)."""
-  if jaxlib_version in CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB:
+def default_flags(jaxlib_version: str | None, family: str | None = None) -> tuple[str, ...]:
+  """The flags the entry points set for this jaxlib release on this CPU family (default: the host's)."""
+  eigen = cpu_family.defaults(family or cpu_family.host()).convolutions_on_eigen
+  if eigen and jaxlib_version in CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB:
     return (KEEP_REMAT_ON_CPU, CPU_CONVOLUTIONS_ON_EIGEN)
   return (KEEP_REMAT_ON_CPU,)
 
 
-def set_defaults(environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | None = None) -> str:
+def set_defaults(environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | None = None,
+                 family: str | None = None) -> str:
   """Adds `default_flags` to XLA_FLAGS in `environ` (the user's own settings win) and returns it.
 
-  `jaxlib_version` defaults to the installed jaxlib's.
+  `jaxlib_version` defaults to the installed jaxlib's, `family` to the host's CPU family.
   """
-  defaults = default_flags(jaxlib_version or _installed_jaxlib())
+  defaults = default_flags(jaxlib_version or _installed_jaxlib(), family)
   environ['XLA_FLAGS'] = with_defaults(environ.get('XLA_FLAGS', ''), defaults)
   return environ['XLA_FLAGS']

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench  # noqa: E402
 import block_forms  # noqa: E402
 import compile_parts  # noqa: E402
-from benchmarks import common  # noqa: E402
+from benchmarks import common, machine_load  # noqa: E402
 
 TINY_MODEL = ['--model', 'tiny', '--batch', '2', '--image_size', '8']
 TINY = [*TINY_MODEL, '--steps', '1', '--rounds', '2']
@@ -36,18 +36,97 @@ def test_bench_against_pytorch_writes_the_promised_json(tmp_path):
   out = tmp_path / 'result.json'
   # A fresh process, as bench.py runs: PyPI's PyTorch loads its compiler stack (triton) in the optimizer, which
   # crashes beside TensorFlow's libraries, imported in this test process by other tests.
-  subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'bench.py'), '--model', 'densenet_l40_k12',
-                  '--batch', '2', '--image_size', '8', '--steps', '1', '--rounds', '2', '--reference', 'torch',
-                  '--json', str(out)], check=True, cwd=ROOT, capture_output=True, timeout=600)
+  # One thread count only: several PyTorch threads on cores that another test process keeps busy wait for each
+  # other at every operation (a step of this tiny model took 14 s). The default counts are tested below.
+  done = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'bench.py'), '--model', 'densenet_l40_k12',
+                         '--batch', '2', '--image_size', '8', '--steps', '1', '--rounds', '2', '--reference', 'torch',
+                         '--torch_threads', '1', '--sweep_rounds', '1', '--sweep_steps', '1',
+                         '--load_probe_seconds', '0.2', '--json', str(out)],
+                        check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
   result = json.loads(out.read_text())
   for key in ('model', 'batch', 'image_size', 'dtype', 'memory_efficient', 'device', 'images_per_second',
-              'compile_seconds', 'temp_bytes', 'eval_images_per_second', 'xla_flags'):
+              'compile_seconds', 'temp_bytes', 'eval_images_per_second', 'xla_flags', 'cpu_family', 'usable_cpus',
+              'step_cpu_seconds'):
     assert key in result, key
   assert result['model'] == 'densenet_l40_k12' and result['image_size'] == 8 and result['temp_bytes'] > 0
   reference = result['reference']
   assert reference['implementation'].startswith('PyTorch') and reference['images_per_second'] > 0
-  assert result['speedup_vs_reference'] == pytest.approx(
-      result['images_per_second'] / reference['images_per_second'], rel=0.02)
+  assert reference['eval_images_per_second'] > 0 and reference['step_cpu_seconds'] > 0
+  assert not reference['checkpointing']
+  # The thread counts asked for, then both memory formats at the fastest; the fastest kept.
+  sweep = reference['sweep']
+  by_threads, by_format = sweep['step_seconds_by_threads'], sweep['step_seconds_by_memory_format']
+  assert list(by_threads) == ['1']
+  assert sweep['threads'] == reference['torch_threads'] == int(min(by_threads, key=by_threads.get))
+  assert set(by_format) == {'contiguous', 'channels_last'}
+  assert sweep['memory_format'] == reference['memory_format'] == min(by_format, key=by_format.get)
+  # The machine's load and each side's CPU use are reported; a ratio only without contention.
+  assert set(result['cpu_utilization']) == {'jax_train', 'jax_eval', 'reference_train', 'reference_eval'}
+  assert len(result['machine']['loadavg_before']) == 3 and result['machine']['others_during'] is not None
+  if result['contention']['contended']:
+    assert 'speedup_vs_reference' not in result and 'NO RATIO' in done.stderr
+  else:
+    assert result['speedup_vs_reference'] == pytest.approx(
+        result['images_per_second'] / reference['images_per_second'], rel=0.02)
+    assert result['eval_speedup_vs_reference'] == pytest.approx(
+        result['eval_images_per_second'] / reference['eval_images_per_second'], rel=0.02)
+    assert 'ratio train' in done.stdout
+
+
+def test_pytorch_is_timed_with_every_thread_count_up_to_the_usable_cpus_unless_told():
+  assert bench.sweep_thread_counts(None, 4) == (1, 2, 3, 4)
+  assert bench.sweep_thread_counts((2, 1), 4) == (2, 1)
+  assert bench.parse_args([*TINY, '--torch_threads', '1,2']).torch_threads == (1, 2)
+  assert bench.parse_args(TINY).torch_threads is None
+  for bad in ('0', 'two', ''):
+    with pytest.raises(SystemExit):
+      bench.parse_args([*TINY, '--torch_threads', bad])
+
+
+# Builds the PyTorch reference exactly as bench.run does for a memory-efficient JAX model and counts how often
+# each dense layer's first BatchNorm runs in one train step: once per layer, or twice if checkpointing recomputes.
+_COUNT_RECOMPUTATION = """
+import json, sys
+sys.path.insert(0, 'benchmarks')
+import bench
+from densenet_jax import model as model_lib
+
+class Built(Exception):
+  pass
+
+class CapturingRunner(bench.TorchRunner):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    raise Built(self)
+
+model_lib.MODELS['tiny'] = lambda **kw: model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, **kw)
+bench.TorchRunner = CapturingRunner
+try:
+  bench.run(bench.parse_args(['--model', 'tiny', '--batch', '2', '--image_size', '8', '--memory_efficient',
+                              '--torch_threads', '1', '--sweep_rounds', '1', '--sweep_steps', '1',
+                              '--load_probe_seconds', '0.1', '--reference', sys.argv[1]]))
+except Built as built:
+  runner = built.args[0]
+layers = [m for name, m in runner.eager.named_modules() if name.endswith('norm1')]
+calls = []
+for layer in layers:
+  layer.register_forward_hook(lambda *_: calls.append(1))
+runner.train()
+print(json.dumps(dict(layers=len(layers), norm1_calls=len(calls), checkpointing=runner.checkpointing())))
+"""
+
+
+@pytest.mark.parametrize('reference, forward_passes', [('torch', 1), ('torch_memory_efficient', 2)])
+def test_the_pytorch_reference_recomputes_nothing_unless_asked_by_name(reference, forward_passes):
+  pytest.importorskip('torch')
+  # A fresh process: PyTorch's optimizer loads its compiler stack, which crashes beside TensorFlow (see above).
+  done = subprocess.run([sys.executable, '-c', _COUNT_RECOMPUTATION, reference], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  counts = json.loads(done.stdout.splitlines()[-1])
+  assert counts['layers'] == 6  # Three blocks of two bottleneck layers.
+  assert counts['norm1_calls'] == forward_passes * counts['layers']
+  assert counts['checkpointing'] == (forward_passes == 2)
 
 
 def test_bench_measures_memory_efficient_against_the_plain_model():
@@ -66,7 +145,8 @@ def test_bench_measures_other_xla_options_against_the_defaults():
   options = json.dumps(common.YNNPACK_CONVOLUTIONS)
   result = bench.run(bench.parse_args([*TINY, '--reference', 'xla_options', '--xla_options', options, '--skip_eval']))
   assert result['reference']['implementation'].endswith(f'XLA options {options}')
-  assert result['reference']['images_per_second'] > 0 and result['speedup_vs_reference'] > 0
+  assert result['reference']['images_per_second'] > 0
+  assert result['contention']['contended'] or result['speedup_vs_reference'] > 0
 
 
 @pytest.mark.parametrize('arguments', [['--reference', 'xla_options'], ['--xla_options', '{}'],
@@ -152,7 +232,7 @@ def test_the_pytorch_reference_checkpoints_only_when_asked_by_name(monkeypatch, 
   built = []
 
   class RecordingRunner:
-    def __init__(self, name, model, batch, size, compile_model):
+    def __init__(self, name, model, batch, size, compile_model, **sweep):
       built.append(model)
       raise SystemExit('recorded')
 
@@ -168,7 +248,7 @@ def test_bench_compares_kernel_sets(tmp_path):
               '--json', str(out)])
   result = json.loads(out.read_text())
   assert 'kernels=xla' in result['reference']['implementation']
-  assert result['speedup_vs_reference'] > 0
+  assert result['contention']['contended'] or result['speedup_vs_reference'] > 0
 
 
 def test_the_gpu_script_checks_every_kernel_set_and_form_for_equality():
@@ -180,3 +260,44 @@ def test_the_gpu_script_checks_every_kernel_set_and_form_for_equality():
     assert max(parts.values()) < 1e-3, (form, parts)
   assert bench.parse_args(['--model', 'densenet121', '--batch', '256', '--dtype', 'bfloat16', '--kernels', 'xla',
                            '--reference', 'torch', '--torch_compile'])
+
+
+def _stat(user, system, idle, steal=0):
+  return f'cpu  {user} 0 {system} {idle} 0 0 0 {steal} 0 0\ncpu0 {user} 0 {system} {idle} 0 0 0 {steal} 0 0\n'
+
+
+def test_other_processes_load_is_the_machines_busy_time_less_this_processes():
+  assert machine_load.parse_proc_stat(_stat(300, 100, 500, steal=100), 100) == (5.0, 1.0, 10.0)
+  with pytest.raises(ValueError, match='"cpu" line'):
+    machine_load.parse_proc_stat('intr 1 2 3\n', 100)
+  before = machine_load.Sample(wall=0.0, busy=10.0, steal=0.0, total=100.0, own=3.0, loadavg=(0.0, 0.0, 0.0))
+  # 20 s of machine time: 12 s busy, of which this process 9 s and the hypervisor's other tenants 1 s.
+  after = machine_load.Sample(wall=10.0, busy=22.0, steal=1.0, total=120.0, own=12.0, loadavg=(1.0, 0.5, 0.2))
+  assert machine_load.others(before, after) == dict(other_cpu_fraction=0.15, steal_fraction=0.05, seconds=10.0)
+  assert machine_load.others(None, after) is None
+  assert machine_load.utilization(cpu_seconds=3.0, wall_seconds=2.0, threads=2) == 0.75
+  assert machine_load.probe(0.05) is None or 0 <= machine_load.probe(0.05)['other_cpu_fraction'] <= 1
+
+
+def test_the_contention_rule_names_every_reason_to_withhold_a_ratio():
+  idle, busy = dict(other_cpu_fraction=0.02, steal_fraction=0.0), dict(other_cpu_fraction=0.4, steal_fraction=0.1)
+  assert machine_load.judge(idle, idle, {'jax_train': 0.9, 'reference_train': 0.97}) == []
+  reasons = machine_load.judge(busy, idle, {'jax_train': 0.3, 'reference_train': 0.97})
+  assert len(reasons) == 2 and 'before the run' in reasons[0] and reasons[1].startswith('jax_train')
+  assert machine_load.judge(idle, busy, {}, max_other_load=0.5) == []
+  assert 'could not be measured' in machine_load.judge(None, idle, {})[0]
+
+
+def test_a_contended_run_prints_no_ratio_and_fails_when_strict():
+  result = dict(model='m', batch=2, dtype='float32', images_per_second=10.0, eval_images_per_second=40.0,
+                reference=dict(images_per_second=8.0, eval_images_per_second=50.0),
+                speedup_vs_reference=1.25, eval_speedup_vs_reference=0.8,
+                contention=dict(contended=False, reasons=[]))
+  assert bench.summary_line(result).endswith('ratio train 1.25x, eval 0.8x')
+  assert bench.exit_status(result, strict=True) == 0
+  contended = {**result, 'contention': dict(contended=True, reasons=['other processes used 40%'])}
+  del contended['speedup_vs_reference'], contended['eval_speedup_vs_reference']
+  line = bench.summary_line(contended)
+  assert 'ratio' not in line and 'NO RATIO: other processes used 40%' in line
+  assert bench.exit_status(contended, strict=False) == 0
+  assert bench.exit_status(contended, strict=True) == bench.CONTENDED_EXIT_STATUS != 0

@@ -10,7 +10,8 @@ The model computes one function. A `Kernels` set says how three of its operation
 the 1x1 convolution as the matrix product it is, the 3x3 convolution with gradients spelled as NHWC/HWIO
 convolutions (XLA:CPU does not rewrite autodiff's layouts inside loop bodies), and an optimization barrier that
 makes each feature map's gradient one sum instead of one fused into every consumer. They were measured on CPU
-only (docs/performance.md); no other backend gets them by default.
+only, and they win on some CPU families and not others, so the CPU default is looked up per family
+(densenet_jax/cpu_family.py, docs/performance.md); no other backend gets them by default.
 
 `DenseNet(kernels=None)` resolves to `default_kernels(jax.default_backend())` when the model is traced; pass
 'xla' or 'cpu' to choose. tests/test_kernels.py checks that every set computes the same logits, gradients and
@@ -24,6 +25,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from densenet_jax import cpu_family
 
 Array = jax.Array
 Conv = Callable[[Array, Array], Array]  # (NHWC input, HWIO kernel) -> NHWC output
@@ -122,14 +125,16 @@ XLA = Kernels('xla', conv1x1=_xla_conv(((0, 0), (0, 0))), conv3x3=_same_conv3x3,
 CPU = Kernels('cpu', conv1x1=matmul_conv1x1, conv3x3=nhwc_conv3x3, new_feature=gradient_barrier)
 KERNELS = {kernels.name: kernels for kernels in (XLA, CPU)}
 
-# The set each backend gets by default, from measurements on that backend only (docs/performance.md). A backend
-# without a measurement gets XLA's own operations.
-_MEASURED_DEFAULTS = {'cpu': 'cpu'}
 
+def default_kernels(backend: str, family: str | None = None) -> str:
+  """The name of the kernel set used on `backend` ('cpu', 'gpu', 'tpu', ...) unless a model names one.
 
-def default_kernels(backend: str) -> str:
-  """The name of the kernel set used on `backend` ('cpu', 'gpu', 'tpu', ...) unless a model names one."""
-  return _MEASURED_DEFAULTS.get(backend, XLA.name)
+  Only the CPU has a measured default, per CPU family (`family`, default: this host's; densenet_jax/cpu_family.py).
+  Other backends, and CPU families without a measurement, get XLA's own operations.
+  """
+  if backend != 'cpu':
+    return XLA.name
+  return cpu_family.defaults(family or cpu_family.host()).kernels
 
 
 def resolve(name: str | None) -> Kernels:
