@@ -13,8 +13,9 @@ the remat below).
 * `CPU_CONVOLUTIONS_ON_EIGEN`: XLA:CPU hands convolutions, matmuls and reductions to YNNPACK by default.
   For DenseNet's 3x3 convolutions (forward and both gradients) YNNPACK is 2-3x slower than XLA's Eigen
   kernels, so this keeps matmuls and reductions on YNNPACK and gives convolutions back to Eigen: train
-  steps 1.3x (DenseNet-BC L=100) and 1.5x (DenseNet-121) faster on AMD's AVX2 cores, and 0.97x and 0.89x
-  on Intel's AVX-512 ones (docs/performance.md). So it is set only on the CPU families where it won
+  steps 1.3x (DenseNet-BC L=100) and 1.5x (DenseNet-121) faster on AMD's AVX2 cores with jaxlib 0.10.2 and
+  1.06x and 1.08x with jaxlib 0.12.0.1, but 0.97x and 0.89x on Intel's AVX-512 ones with jaxlib 0.10.2
+  (docs/performance.md). So it is set only on the CPU families where it won
   (densenet_jax/cpu_family.py), and, because the flag is experimental and an unknown flag in XLA_FLAGS
   aborts the process, only for the jaxlib releases it was measured on (`CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB`).
   Other backends ignore it.
@@ -39,7 +40,7 @@ YNN_FUSION_TYPES_XLA_DEFAULT = tuple(
     f'LIBRARY_FUSION_TYPE_{kind}' for kind in ('INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'REDUCE'))
 CPU_CONVOLUTIONS_ON_EIGEN = f'--{YNN_FUSION_TYPE}=' + ','.join(
     kind for kind in YNN_FUSION_TYPES_XLA_DEFAULT if not kind.endswith('CONVOLUTION'))
-CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB = frozenset({'0.10.2'})
+CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB = frozenset({'0.10.2', '0.12.0.1'})
 
 
 def _name(flag: str) -> str:
