@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common, machine_load  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
 from densenet_jax import summary  # noqa: E402
+from densenet_jax.model import kernels as kernel_sets  # noqa: E402
 from densenet_jax.training import steps  # noqa: E402
 
 CONTENDED_EXIT_STATUS = 3  # --strict: the machine was contended, so the run measured nothing trustworthy.
@@ -333,7 +334,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
-  parser.add_argument('--kernels', choices=['xla', 'cpu'], default=None,
+  parser.add_argument('--kernels', choices=sorted(kernel_sets.KERNELS), default=None,
                       help="the model's kernel set (default: the backend's, densenet_jax/model/kernels.py)")
   parser.add_argument('--reference', default=None,
                       choices=['torch', 'torch_memory_efficient', 'plain', 'unrolled', 'kernels', 'xla_options'],
@@ -342,7 +343,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            '--memory_efficient); unrolled: the same model with layers_per_scan=0 (needs '
                            '--layers_per_scan); kernels: the same model with --reference_kernels; xla_options: '
                            'the same step compiled with --xla_options')
-  parser.add_argument('--reference_kernels', choices=['xla', 'cpu'], default='xla')
+  parser.add_argument('--reference_kernels', choices=sorted(kernel_sets.KERNELS), default='xla')
   parser.add_argument('--xla_options', default=None,
                       help='JSON object of XLA compile options for --reference xla_options, e.g. '
                            f"'{json.dumps(common.YNNPACK_CONVOLUTIONS)}' (XLA:CPU's default kernels)")

@@ -40,6 +40,18 @@ def test_each_convolution_and_its_gradients_agree_across_kernel_sets(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 9, 10, 3)])
+def test_max_pooling_and_its_gradient_agree_across_kernel_sets_with_ties(shape):
+  # ReLU outputs tie at 0: each window's gradient must reach the same element (autodiff's: the first maximum).
+  x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.key(0), shape)))
+  expected_y, expected_vjp = jax.vjp(kernels.XLA.stem_pool, x)
+  got_y, got_vjp = jax.vjp(kernels.CPU.stem_pool, x)
+  cotangent = jax.random.normal(jax.random.key(1), expected_y.shape)
+  np.testing.assert_array_equal(got_y, expected_y)
+  np.testing.assert_allclose(got_vjp(cotangent)[0], expected_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
+  assert np.sum(np.asarray(x) == 0) > x.size // 4  # The ties are there.
+
+
 def test_the_gradient_barrier_is_the_identity_with_its_gradient_kept_whole():
   x = jax.random.normal(jax.random.key(0), (3, 4))
   loss = lambda hook: lambda x: jnp.sum(jnp.sin(hook(x)) * hook(x))
@@ -56,10 +68,13 @@ def test_the_matmul_convolution_refuses_other_kernels():
 
 
 @pytest.mark.parametrize('form', [dict(), dict(memory_efficient=True),
-                                  dict(memory_efficient=True, layers_per_scan=2)])
+                                  dict(memory_efficient=True, layers_per_scan=2, stem='imagenet')])
 def test_every_kernel_set_computes_the_same_model(form):
   # Logits, gradients and running statistics of a DenseNet-BC with dropout, in train and eval mode.
-  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, dropout_rate=0.2, **form)
+  form = dict(form)
+  stem = form.pop('stem', 'cifar')
+  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, dropout_rate=0.2, **form).clone(
+      stem=stem)
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   variables = model.init(jax.random.key(0), images)
 

@@ -15,8 +15,6 @@ quadratically, with depth. How the convolutions are written for the compiler is 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,7 +22,6 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.model import layers, scanned_block
@@ -322,7 +319,7 @@ class DenseNet(_Module):
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if imagenet:
       x = self.norm_relu([x], train, 'stem_norm')
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = kernel_sets.resolve(self.kernels).stem_pool(x)  # 3x3 max pooling, stride 2, padded by 1
     stages['stem'] = x
 
     for b, num_layers in enumerate(self.block_sizes):

@@ -1,17 +1,19 @@
 """How the model's convolutions run on each backend: the one place that chooses kernels.
 
-The model computes one function. A `Kernels` set says how three of its operations are written for the compiler:
+The model computes one function. A `Kernels` set says how four of its operations are written for the compiler:
 
 * `conv1x1`: a 1x1 stride-1 NHWC convolution (bottleneck and transition convolutions, most of DenseNet-BC's work);
 * `conv3x3`: the 3x3 stride-1 convolution padded by 1 of every dense layer;
-* `new_feature`: the identity on each new feature map of a dense block (a hook for its gradient).
+* `new_feature`: the identity on each new feature map of a dense block (a hook for its gradient);
+* `stem_pool`: the ImageNet stem's 3x3 stride-2 max pooling padded by 1.
 
 `XLA` writes them as XLA's own operations. `CPU` writes them in the forms that XLA:CPU compiles faster code for:
-the 1x1 convolution as the matrix product it is, the 3x3 convolution with gradients spelled as NHWC/HWIO
-convolutions (XLA:CPU does not rewrite autodiff's layouts inside loop bodies), and an optimization barrier that
-makes each feature map's gradient one sum instead of one fused into every consumer. They were measured on CPU
-only, and they win on some CPU families and not others, so the CPU default is looked up per family
-(densenet_jax/cpu_family.py, docs/performance.md); no other backend gets them by default.
+the 1x1 convolution as the matrix product it is, the 3x3 convolution with its gradients spelled as an NHWC/HWIO
+convolution and a matrix product (XLA:CPU does not rewrite autodiff's layouts inside loop bodies), an optimization
+barrier that makes each feature map's gradient one sum instead of one fused into every consumer, and max pooling
+whose gradient is elementwise code. They were measured on CPU only, and they win on some CPU families and not
+others, so the CPU default is looked up per family (densenet_jax/cpu_family.py, docs/performance.md); no other
+backend gets them by default.
 
 `DenseNet(kernels=None)` resolves to `default_kernels(jax.default_backend())` when the model is traced; pass
 'xla' or 'cpu' to choose. tests/test_kernels.py checks that every set computes the same logits, gradients and
@@ -43,6 +45,7 @@ class Kernels:
   conv1x1: Conv
   conv3x3: Conv
   new_feature: Callable[[Array], Array]
+  stem_pool: Callable[[Array], Array]
 
 
 def _xla_conv(padding) -> Conv:
@@ -60,7 +63,10 @@ def matmul_conv1x1(x: Array, kernel: Array) -> Array:
   """
   if kernel.shape[:2] != (1, 1):
     raise ValueError(f'matmul_conv1x1 takes a (1, 1, in, out) kernel, got shape {kernel.shape}.')
-  return jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
+  # On the pixels as rows of one matrix: XLA:CPU transposes fewer operands of the gradients' matmuls than for a
+  # product of the 4-d array.
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 _same_conv3x3 = _xla_conv(_SAME_3X3)
@@ -68,11 +74,12 @@ _same_conv3x3 = _xla_conv(_SAME_3X3)
 
 @jax.custom_vjp
 def nhwc_conv3x3(x: Array, kernel: Array) -> Array:
-  """A 3x3 stride-1 NHWC convolution padded by 1, whose gradients are NHWC/HWIO convolutions too.
+  """A 3x3 stride-1 NHWC convolution padded by 1; its input gradient an NHWC/HWIO convolution, its kernel gradient a
+  matrix product.
 
   Autodiff writes a convolution's gradients as convolutions with permuted dimension labels. XLA:CPU rewrites those
   into Eigen's NHWC/HWIO form at the top level of a program but not inside a loop body (a scanned dense block),
-  where its generic emitter runs them many times slower. This spells them in that form, with explicit transposes.
+  where its generic emitter runs them many times slower. This spells them in forms it compiles well everywhere.
   """
   return _same_conv3x3(x, kernel)
 
@@ -85,10 +92,24 @@ def _nhwc_conv3x3_backward(residuals, gradient: Array):
   x, kernel = residuals
   # The input gradient correlates the output gradient with the flipped kernel, inputs and outputs swapped.
   d_x = _same_conv3x3(gradient, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-  # d_kernel[h, w, i, o] = sum over n, y, x of x_padded[n, y + h, x + w, i] * gradient[n, y, x, o]: a convolution
-  # with the input channels as its batch and the images as its input channels.
-  d_kernel = _same_conv3x3(x.transpose(3, 1, 2, 0), gradient.transpose(1, 2, 0, 3))
-  return d_x.astype(x.dtype), d_kernel.transpose(1, 2, 0, 3).astype(kernel.dtype)
+  return d_x.astype(x.dtype), _conv3x3_kernel_gradient(x, gradient).astype(kernel.dtype)
+
+
+def _conv3x3_kernel_gradient(x: Array, gradient: Array) -> Array:
+  """d_kernel[h, w, i, o] = sum over pixels p of x[p + (h - 1, w - 1), i] * gradient[p, o], zero outside.
+
+  As one matrix product over the pixels: x (pixels, in) transposed times the nine shifted copies of the output
+  gradient side by side (pixels, 9 * out). The shifted copies are of the gradient, the array with fewer channels,
+  and no operand needs a transposed copy (XLA:CPU writes those element by element, slower than the product).
+  """
+  _, height, width, out = gradient.shape
+  padded = jnp.pad(gradient, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # Tap (h, w) pairs x at p + (h - 1, w - 1) with the gradient at p, i.e. x at p with the gradient at
+  # p - (h - 1, w - 1), which is padded[p + (2 - h, 2 - w)].
+  shifted = jnp.concatenate(
+      [padded[:, 2 - h:2 - h + height, 2 - w:2 - w + width, :] for h in range(3) for w in range(3)], axis=-1)
+  d_kernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), shifted.reshape(-1, 9 * out), (((0,), (0,)), ((), ())))
+  return d_kernel.reshape(x.shape[-1], 3, 3, out).transpose(1, 2, 0, 3)
 
 
 nhwc_conv3x3.defvjp(_nhwc_conv3x3_forward, _nhwc_conv3x3_backward)
@@ -117,12 +138,62 @@ def _gradient_barrier_backward(_, gradient: Array) -> tuple[Array]:
 gradient_barrier.defvjp(_gradient_barrier_forward, _gradient_barrier_backward)
 
 
+_POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING = (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+
+
+def _max_pool(x: Array) -> Array:
+  """3x3 max pooling with stride 2, padded by 1 with -inf (as flax.linen.max_pool pads)."""
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, _POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING)
+
+
+@jax.custom_vjp
+def elementwise_max_pool(x: Array) -> Array:
+  """`_max_pool`, whose gradient is written as elementwise code.
+
+  Autodiff's gradient of max pooling is a select-and-scatter, which XLA:CPU computes through index arrays
+  several times the size of the input. This one routes each window's gradient to the same element autodiff
+  does, the first maximum in row-major window order, with one comparison and one strided add per window tap.
+  """
+  return _max_pool(x)
+
+
+def _elementwise_max_pool_forward(x: Array):
+  y = _max_pool(x)
+  return y, (x, y)
+
+
+def _elementwise_max_pool_backward(residuals, gradient: Array):
+  x, y = residuals
+  _, height, width, _ = x.shape
+  out_height, out_width = y.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  taken = jnp.zeros(y.shape, bool)
+  d_padded = jnp.zeros(padded.shape, gradient.dtype)
+  zero = jnp.zeros((), gradient.dtype)
+  for h in range(3):
+    for w in range(3):
+      # Tap (h, w) of window (i, j) is padded[2i + h, 2j + w].
+      tap = padded[:, h:h + 2 * out_height - 1:2, w:w + 2 * out_width - 1:2, :]
+      chosen = (tap == y) & ~taken
+      taken = taken | chosen
+      share = jnp.where(chosen, gradient, zero)
+      d_padded = d_padded + jax.lax.pad(share, zero, (
+          (0, 0, 0), (h, height + 2 - h - (2 * out_height - 1), 1), (w, width + 2 - w - (2 * out_width - 1), 1),
+          (0, 0, 0)))
+  return (d_padded[:, 1:height + 1, 1:width + 1, :],)
+
+
+elementwise_max_pool.defvjp(_elementwise_max_pool_forward, _elementwise_max_pool_backward)
+
+
 def _identity(x: Array) -> Array:
   return x
 
 
-XLA = Kernels('xla', conv1x1=_xla_conv(((0, 0), (0, 0))), conv3x3=_same_conv3x3, new_feature=_identity)
-CPU = Kernels('cpu', conv1x1=matmul_conv1x1, conv3x3=nhwc_conv3x3, new_feature=gradient_barrier)
+XLA = Kernels('xla', conv1x1=_xla_conv(((0, 0), (0, 0))), conv3x3=_same_conv3x3, new_feature=_identity,
+              stem_pool=_max_pool)
+CPU = Kernels('cpu', conv1x1=matmul_conv1x1, conv3x3=nhwc_conv3x3, new_feature=gradient_barrier,
+              stem_pool=elementwise_max_pool)
 KERNELS = {kernels.name: kernels for kernels in (XLA, CPU)}
 
 

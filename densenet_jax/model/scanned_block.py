@@ -107,9 +107,7 @@ def _forward(spec, x, group_params, group_keys, group_stats):
   reads, which are computed once per channel and carried along with the buffer.
   """
   train = group_stats is None
-  batch, height, width, _ = x.shape
-  buffer = jnp.zeros((batch, height, width, spec.output_channels), x.dtype)
-  buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, 0, axis=-1)
+  buffer = _pad_last(x, spec.output_channels)  # The block input, then zeros where the layers will write.
   carry_moments = None
   if train:
     first = layers.moments(x, spec.layer.batch_norm_group_size)
