@@ -77,9 +77,10 @@ class JaxRunner:
     self.xla_compile_seconds = time.perf_counter() - lowered_at
     self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
     self.eval_compiled = None  # Compiled when first needed.
-    self.description = f'densenet_jax, memory_efficient={model.memory_efficient}, kernels={model.kernels or "default"}'
-    if model.layers_per_scan:
-      self.description += f', layers_per_scan={model.layers_per_scan}'
+    form = model.block_form()
+    self.description = f'densenet_jax, memory_efficient={form.memory_efficient}, kernels={model.kernels or "default"}'
+    if form.layers_per_scan:
+      self.description += f', layers_per_scan={form.layers_per_scan}'
     if xla_options:
       self.description += f', XLA options {json.dumps(xla_options)}'
 
@@ -231,6 +232,16 @@ def _utilization(timings: list[common.Timing], threads: int) -> float:
   return round(statistics.median(machine_load.utilization(t.cpu, t.wall, threads) for t in timings), 3)
 
 
+def check_reference_form(reference: str | None, form: kernel_sets.BlockForm) -> None:
+  """Refuses a JAX reference that would be the measured model itself."""
+  if reference == 'plain' and not form.memory_efficient:
+    raise SystemExit('--reference plain measures the cost of the memory-efficient form, which this model does not '
+                     'compute: add --memory_efficient.')
+  if reference == 'unrolled' and not form.layers_per_scan:
+    raise SystemExit('--reference unrolled measures the effect of scanned dense blocks, which this model does not '
+                     'compute: add --layers_per_scan N.')
+
+
 def run(args: argparse.Namespace) -> dict:
   loadavg_before = os.getloadavg()
   load_before = machine_load.probe(args.load_probe_seconds)  # Before this process starts any work.
@@ -242,8 +253,10 @@ def run(args: argparse.Namespace) -> dict:
   )
   size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
+  form = model.block_form()
+  check_reference_form(args.reference, form)
   result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
-                memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan, **common.environment())
+                memory_efficient=form.memory_efficient, layers_per_scan=form.layers_per_scan, **common.environment())
   runner = JaxRunner(model, args.batch, size)
   result.update(runner.facts())
   if args.compile_only:
@@ -257,10 +270,10 @@ def run(args: argparse.Namespace) -> dict:
                             thread_counts=args.torch_threads)
   elif args.reference == 'kernels':  # The same model with another kernel set (densenet_jax/model/kernels.py).
     reference = JaxRunner(model.clone(kernels=args.reference_kernels), args.batch, size)
-  elif args.reference == 'plain':  # The cost of memory_efficient=True: the same model without it.
-    reference = JaxRunner(model.clone(memory_efficient=False), args.batch, size)
+  elif args.reference == 'plain':  # What the memory-efficient form costs: the unrolled model that keeps everything.
+    reference = JaxRunner(model.clone(memory_efficient=False, layers_per_scan=0), args.batch, size)
   elif args.reference == 'unrolled':  # What scanning the dense layers costs and saves.
-    reference = JaxRunner(model.clone(layers_per_scan=0), args.batch, size)
+    reference = JaxRunner(model.clone(memory_efficient=True, layers_per_scan=0), args.batch, size)
   elif args.reference == 'xla_options':  # The same step, compiled with other XLA options.
     try:
       reference = JaxRunner(model, args.batch, size, args.xla_options)
@@ -326,9 +339,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
   parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  parser.add_argument('--memory_efficient', action='store_true')
-  parser.add_argument('--layers_per_scan', type=int, default=0,
-                      help='compute dense blocks this many layers at a time (needs --memory_efficient)')
+  common.add_block_form_arguments(parser)
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--warmup', type=int, default=1)
@@ -373,12 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       args.torch_threads = ()
     if not args.torch_threads or min(args.torch_threads) < 1:
       parser.error('--torch_threads takes thread counts >= 1, separated by commas, e.g. 1,2.')
-  if args.reference == 'plain' and not args.memory_efficient:
-    parser.error('--reference plain measures the cost of --memory_efficient: add --memory_efficient.')
-  if args.layers_per_scan < 0 or (args.layers_per_scan and not args.memory_efficient):
-    parser.error('--layers_per_scan N (N >= 1) computes the memory-efficient model: add --memory_efficient.')
-  if args.reference == 'unrolled' and not args.layers_per_scan:
-    parser.error('--reference unrolled measures the effect of --layers_per_scan: add --layers_per_scan N.')
+  common.check_block_form_arguments(parser, args)
   if (args.reference == 'xla_options') != (args.xla_options is not None):
     parser.error('--reference xla_options and --xla_options JSON go together.')
   if args.xla_options is not None:

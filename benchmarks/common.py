@@ -6,6 +6,7 @@ points' environment (densenet_jax.cli.prepare_environment) before JAX starts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -20,6 +21,22 @@ from densenet_jax.training import optim
 
 # XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
 YNNPACK_CONVOLUTIONS = {xla_flags.YNN_FUSION_TYPE: ','.join(xla_flags.YNN_FUSION_TYPES_XLA_DEFAULT)}
+
+
+def add_block_form_arguments(parser: argparse.ArgumentParser) -> None:
+  """--memory_efficient/--no-memory_efficient and --layers_per_scan; unset: the backend's block form."""
+  parser.add_argument('--memory_efficient', action=argparse.BooleanOptionalAction, default=None,
+                      help="recompute each layer's normalized input in the backward pass (default: the "
+                           "backend's block form, densenet_jax/model/kernels.py)")
+  parser.add_argument('--layers_per_scan', type=int, default=None,
+                      help='compute dense blocks this many layers at a time, 0: unrolled (needs memory_efficient; '
+                           "default: the backend's block form)")
+
+
+def check_block_form_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  if args.layers_per_scan is not None and (
+      args.layers_per_scan < 0 or (args.layers_per_scan and args.memory_efficient is False)):
+    parser.error('--layers_per_scan N (N >= 1) computes the memory-efficient model: drop --no-memory_efficient.')
 
 
 def cpu_count() -> int:

@@ -123,9 +123,10 @@ def run(args: argparse.Namespace) -> dict:
   size = args.image_size or summary.default_input_shape(model)[0]
   programs = _programs(model, args.batch, size)
   params = jax.tree.leaves(programs['sgd_update'][1][1])
+  form = model.block_form()
   result = dict(
-      model=args.model, batch=args.batch, image_size=size, memory_efficient=args.memory_efficient,
-      layers_per_scan=args.layers_per_scan,
+      model=args.model, batch=args.batch, image_size=size, memory_efficient=form.memory_efficient,
+      layers_per_scan=form.layers_per_scan,
       **common.environment(), parameters=len(params), distinct_parameter_shapes=len({p.shape for p in params}),
       parts={},
   )
@@ -141,14 +142,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
   parser.add_argument('--num_classes', type=int, default=10)
-  parser.add_argument('--memory_efficient', action='store_true')
-  parser.add_argument('--layers_per_scan', type=int, default=0,
-                      help='compute dense blocks this many layers at a time (needs --memory_efficient)')
+  common.add_block_form_arguments(parser)
   parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
   parser.add_argument('--json', default=None, help='write the result object to this file')
   args = parser.parse_args(argv)
   if args.batch < 1:
     parser.error('--batch must be at least 1.')
+  common.check_block_form_arguments(parser, args)
   return args
 
 

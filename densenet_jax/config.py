@@ -27,10 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'densenet_bc_l100_k12'
   config.architecture = ml_collections.ConfigDict()  # depth, growth_rate, bottleneck, compression
   config.dropout_rate = 0.0
-  config.memory_efficient = False
-  # n > 0: compute each dense block n layers at a time under jax.lax.scan (needs memory_efficient): the
-  # same model, several times faster to compile (docs/performance.md). 0: every layer written out.
-  config.layers_per_scan = 0
+  # How dense blocks are computed; every form is the same model (docs/performance.md). memory_efficient:
+  # recompute each layer's normalized input in the backward pass. layers_per_scan n > 0: compute each dense
+  # block n layers at a time under jax.lax.scan (needs memory_efficient), several times faster to compile;
+  # 0: every layer written out. None: the form measured fastest on the backend (on CPUs, per CPU family;
+  # densenet_jax/model/kernels.py).
+  config.memory_efficient = ml_collections.FieldReference(None, field_type=bool)
+  config.layers_per_scan = ml_collections.FieldReference(None, field_type=int)
   # Examples per BatchNorm statistics group in training (e.g. the per-device batch: per-device BatchNorm, as
   # Goyal et al. 2017 use for large batches). None: the whole global batch, the statistics of one device's run.
   config.batch_norm_group_size = ml_collections.FieldReference(None, field_type=int)
@@ -152,7 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints'):
     if config[field] < 1:
       raise ConfigError(f'config.{field} must be at least 1, got {config[field]}.')
-  if config.layers_per_scan < 0 or (config.layers_per_scan and not config.memory_efficient):
+  if config.layers_per_scan is not None and (
+      config.layers_per_scan < 0 or (config.layers_per_scan and config.memory_efficient is False)):
     raise ConfigError(
         f'config.layers_per_scan={config.layers_per_scan} needs a whole number >= 0, and when positive also '
         '--config.memory_efficient=True (a scanned dense block keeps only what memory_efficient keeps).'

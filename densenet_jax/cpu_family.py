@@ -2,10 +2,11 @@
 
 XLA:CPU's speed on DenseNet depends on which kernel library wins on the host's vector units: a choice that
 made AMD's AVX2 cores 1.3x faster made Intel's AVX-512 cores slower (docs/performance.md, "Per CPU family").
-So every CPU-specific default (the model's kernel set in densenet_jax/model/kernels.py, the convolution flag in
-densenet_jax/xla_flags.py) is looked up here by family, and a family without a measurement gets XLA's own
-choices. The family comes from /proc/cpuinfo's vendor and instruction-set flags; reading it is the only I/O,
-and `from_cpuinfo` is pure so that tests can hand it any machine's text.
+So every CPU-specific default (the model's kernel set and block form in densenet_jax/model/kernels.py, the
+convolution flag in densenet_jax/xla_flags.py) is looked up here by family, and a family without a measurement
+gets XLA's own choices and the plain block form. The family comes from /proc/cpuinfo's vendor and
+instruction-set flags; reading it is the only I/O, and `from_cpuinfo` is pure so that tests can hand it any
+machine's text.
 
 This module imports neither JAX nor TensorFlow: xla_flags.py uses it before JAX starts.
 """
@@ -68,14 +69,19 @@ class CpuDefaults:
   kernels: str  # The model's kernel set (densenet_jax/model/kernels.py): 'cpu' or 'xla'.
   convolutions_on_eigen: bool  # xla_flags.CPU_CONVOLUTIONS_ON_EIGEN, on the jaxlib releases it was measured on.
   evidence: str
+  # How dense blocks are computed when a model leaves it open (kernels.BlockForm): recompute each layer's
+  # normalized input in the backward pass, and compute blocks this many layers at a time (0: unrolled).
+  memory_efficient: bool = False
+  layers_per_scan: int = 0
 
 
 # Only measured families appear; numbers and commands are in docs/performance.md ("Per CPU family").
 MEASURED = {
     AMD_AVX2: CpuDefaults(
-        kernels='cpu', convolutions_on_eigen=True,
-        evidence='2-core AMD EPYC VM: CPU kernel set 1.64x (BC-100 b64) and 1.22x (DenseNet-121 b8) over XLA '
-                 'kernels on jax 0.12; Eigen convolutions 1.28x and 1.46x on jaxlib 0.10.2'),
+        kernels='cpu', convolutions_on_eigen=True, memory_efficient=True, layers_per_scan=4,
+        evidence='2-core AMD EPYC VM, jax 0.12: the CPU kernel set over XLA kernels, Eigen convolutions over '
+                 'YNNPACK ones, memory-efficient blocks scanned 4 layers at a time over every other form measured '
+                 '(docs/performance.md, "Per CPU family")'),
     INTEL_AVX512: CpuDefaults(
         kernels='xla', convolutions_on_eigen=False,
         evidence='Intel AVX-512, jaxlib 0.10.2 only: Eigen convolutions 0.973x (BC-100) and 0.886x (DenseNet-121); '

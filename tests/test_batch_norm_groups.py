@@ -40,7 +40,7 @@ def test_one_group_of_the_whole_batch_is_todays_model_exactly():
 
 @pytest.mark.parametrize('layers_per_scan', [0, 1])
 def test_each_group_is_normalized_as_if_it_ran_alone(layers_per_scan):
-  options = dict(memory_efficient=True, layers_per_scan=layers_per_scan) if layers_per_scan else {}
+  options = dict(memory_efficient=bool(layers_per_scan), layers_per_scan=layers_per_scan)
   x = images()
   variables = jax.jit(tiny().init)(jax.random.key(1), x)
   logits, updates = train_apply(tiny(batch_norm_group_size=4, **options), variables, x)
@@ -62,7 +62,7 @@ def test_scanned_backward_with_groups_equals_autodiff_of_the_unrolled_model():
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels])
     return jax.jit(jax.grad(loss))(variables['params'])
 
-  unrolled = gradient(tiny(batch_norm_group_size=2))
+  unrolled = gradient(tiny(batch_norm_group_size=2, memory_efficient=False, layers_per_scan=0))
   scanned = gradient(tiny(batch_norm_group_size=2, memory_efficient=True, layers_per_scan=1))
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), scanned, unrolled)
 

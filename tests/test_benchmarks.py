@@ -136,9 +136,11 @@ def test_bench_measures_memory_efficient_against_the_plain_model():
   assert result['temp_bytes'] < result['reference']['temp_bytes']
 
 
-def test_bench_refuses_a_plain_reference_without_memory_efficient():
-  with pytest.raises(SystemExit):
-    bench.parse_args([*TINY, '--reference', 'plain'])
+def test_bench_refuses_a_reference_that_is_the_measured_model():
+  with pytest.raises(SystemExit, match='--reference plain'):
+    bench.run(bench.parse_args([*TINY, '--no-memory_efficient', '--reference', 'plain']))
+  with pytest.raises(SystemExit, match='--reference unrolled'):
+    bench.run(bench.parse_args([*TINY, '--memory_efficient', '--layers_per_scan', '0', '--reference', 'unrolled']))
 
 
 def test_bench_measures_other_xla_options_against_the_defaults():
@@ -209,7 +211,7 @@ def test_scanned_blocks_compile_less_code(monkeypatch):
   monkeypatch.setitem(model_lib.MODELS, 'tiny', functools.partial(model_lib.cifar_densenet, 28, 4, bottleneck=True,
                                                                compression=0.5))
   args = [*TINY_MODEL, '--memory_efficient', '--parts', 'gradients']
-  unrolled = compile_parts.run(compile_parts.parse_args(args))['parts']['gradients']
+  unrolled = compile_parts.run(compile_parts.parse_args([*args, '--layers_per_scan', '0']))['parts']['gradients']
   scanned = compile_parts.run(compile_parts.parse_args([*args, '--layers_per_scan', '4']))['parts']['gradients']
   # 752 vs 1,172 equations and 399 vs 563 kernels (measured). Distinct kernels fall only in deeper models:
   # this one's layers are few and small (docs/performance.md has DenseNet-BC L=190).
@@ -223,7 +225,7 @@ def test_bench_measures_scanned_blocks_against_unrolled_ones():
   assert result['layers_per_scan'] == 2 and 'layers_per_scan' not in result['reference']['implementation']
   assert result['images_per_second'] > 0 and result['reference']['images_per_second'] > 0
   with pytest.raises(SystemExit):
-    bench.parse_args([*TINY, '--layers_per_scan', '2'])  # without --memory_efficient
+    bench.parse_args([*TINY, '--no-memory_efficient', '--layers_per_scan', '2'])
 
 
 @pytest.mark.parametrize('reference, checkpointed', [('torch', False), ('torch_memory_efficient', True)])

@@ -24,6 +24,23 @@ def test_each_backend_gets_xla_ops_unless_a_measurement_on_it_says_otherwise():
     kernels.resolve('cuda')
 
 
+def test_block_forms_follow_the_options_given_and_the_backend_for_the_rest():
+  form = kernels.BlockForm
+  # Nothing given: the backend's form; measured per CPU family on the CPU, unrolled elsewhere.
+  assert kernels.resolve_block_form(None, None, 'gpu') == form(False, 0)
+  assert kernels.resolve_block_form(None, None, 'tpu') == form(False, 0)
+  assert kernels.resolve_block_form(None, None, 'cpu') == kernels.default_block_form('cpu')
+  amd = kernels.default_block_form('cpu', 'amd_avx2')
+  assert amd.memory_efficient and amd.layers_per_scan > 0
+  assert kernels.default_block_form('cpu', 'other') == form(False, 0)
+  # Given options win, and the other follows them.
+  assert kernels.resolve_block_form(False, None, 'cpu') == form(False, 0)
+  assert kernels.resolve_block_form(True, None, 'gpu') == form(True, 0)
+  assert kernels.resolve_block_form(None, 4, 'gpu') == form(True, 4)
+  assert kernels.resolve_block_form(True, 0, 'cpu') == form(True, 0)
+  assert kernels.resolve_block_form(False, 0, 'cpu') == form(False, 0)
+
+
 @pytest.mark.parametrize('name', ['conv1x1', 'conv3x3'])
 def test_each_convolution_and_its_gradients_agree_across_kernel_sets(name):
   size = 1 if name == 'conv1x1' else 3
@@ -67,7 +84,8 @@ def test_the_matmul_convolution_refuses_other_kernels():
     kernels.matmul_conv1x1(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
 
 
-@pytest.mark.parametrize('form', [dict(), dict(memory_efficient=True),
+@pytest.mark.parametrize('form', [dict(memory_efficient=False, layers_per_scan=0),
+                                  dict(memory_efficient=True, layers_per_scan=0),
                                   dict(memory_efficient=True, layers_per_scan=2, stem='imagenet')])
 def test_every_kernel_set_computes_the_same_model(form):
   # Logits, gradients and running statistics of a DenseNet-BC with dropout, in train and eval mode.

@@ -42,7 +42,8 @@ ROUNDED_PAPER_COUNTS_IN_MILLIONS = {
 
 def tiny_model(**overrides):
   """Two blocks of two bottleneck layers on 8x8 images: compiles in about a second."""
-  kwargs = dict(bottleneck=True, compression=0.5, num_blocks=2, num_classes=5)
+  kwargs = dict(bottleneck=True, compression=0.5, num_blocks=2, num_classes=5, memory_efficient=False,
+                layers_per_scan=0)
   kwargs.update(overrides)
   return model_lib.cifar_densenet(kwargs.pop('depth', 11), kwargs.pop('growth_rate', 4), **kwargs)
 
@@ -230,7 +231,7 @@ def _loss_and_grads(model, variables, x, labels, rng=None):
 def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_rate):
   depth = 11 if bottleneck else 7
   plain = tiny_model(depth=depth, bottleneck=bottleneck, dropout_rate=dropout_rate)
-  efficient = plain.clone(memory_efficient=True)
+  efficient = plain.clone(memory_efficient=True)  # unrolled: layers_per_scan=0
   x, labels = images(), jnp.arange(4) % 5
   variables = init(plain, x)
   rng = jax.random.key(7) if dropout_rate else None
@@ -246,7 +247,7 @@ def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_
 MEMORY_CHECK = """
 from densenet_jax import memory
 from densenet_jax import model as model_lib
-model = model_lib.cifar_densenet(28, 8, bottleneck=True, compression=0.5)
+model = model_lib.cifar_densenet(28, 8, bottleneck=True, compression=0.5, layers_per_scan=0)
 for efficient in (False, True):
   print(memory.train_step_temp_bytes(model.clone(memory_efficient=efficient), 8, (16, 16, 3)))
 """

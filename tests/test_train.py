@@ -133,7 +133,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
   with pytest.raises(config_lib.ConfigError, match='config.dataset'):
     config_lib.validate(tiny_config(dataset='cifar11'))
   with pytest.raises(config_lib.ConfigError, match='memory_efficient=True'):
-    config_lib.validate(tiny_config(layers_per_scan=4))
+    config_lib.validate(tiny_config(memory_efficient=False, layers_per_scan=4))
 
 
 def test_layers_per_scan_reaches_the_model():
@@ -154,11 +154,18 @@ def test_a_run_started_before_a_config_field_existed_resumes(tmp_path):
   workdir_lib.record_config(tiny_config(), str(tmp_path))
   path = tmp_path / workdir_lib.CONFIG_FILE
   older = json.loads(path.read_text())
-  del older['layers_per_scan']  # as written before the field was added
+  del older['batch_norm_group_size']  # as written before the field was added
   path.write_text(json.dumps(older))
   workdir_lib.record_config(tiny_config(), str(tmp_path))  # the field's default: same config
-  with pytest.raises(config_lib.ConfigError, match='layers_per_scan: 0 -> 2'):
-    workdir_lib.record_config(tiny_config(memory_efficient=True, layers_per_scan=2), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match='batch_norm_group_size: None -> 2'):
+    workdir_lib.record_config(tiny_config(batch_norm_group_size=2), str(tmp_path))
+
+
+def test_a_run_may_resume_with_another_form_of_the_same_model(tmp_path):
+  # Runs recorded before the block form defaulted to the backend's wrote memory_efficient=False, layers_per_scan=0.
+  workdir_lib.record_config(tiny_config(memory_efficient=False, layers_per_scan=0, kernels='xla'), str(tmp_path))
+  workdir_lib.record_config(tiny_config(), str(tmp_path))
+  workdir_lib.record_config(tiny_config(memory_efficient=True, layers_per_scan=2, kernels='cpu'), str(tmp_path))
 
 
 def test_init_from_replaces_the_head_when_classes_differ(tmp_path):

@@ -4,7 +4,7 @@
     model = create_model('densenet121', num_classes=1000)
 
 densenet.py holds the architecture, registry.py the paper's models by name, layers.py BatchNorm-ReLU,
-kernels.py how convolutions run on each backend, scanned_block.py the scanned form of a dense block.
+kernels.py how convolutions and dense blocks run on each backend, scanned_block.py the scanned form of a dense block.
 """
 
 from densenet_jax.model.densenet import DenseBlock, DenseLayer, DenseNet, Transition

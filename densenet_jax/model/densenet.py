@@ -226,6 +226,8 @@ class DenseNet(_Module):
       jax.lax.scan, each layer reading its group's widest input through zero-padded parameters
       (scanned_block.py): the same function and variables, far less to compile. Needs memory_efficient=True,
       whose memory it keeps by construction.
+      None for either of the two: the default form of the backend the model runs on (kernels.py,
+      `resolve_block_form`; on CPUs measured per CPU family). Every form computes the same function.
     kernels: how convolutions are written for the compiler (kernels.py): 'xla', 'cpu', or None for the
       default of the backend the model runs on. Every choice computes the same function.
     batch_norm_group_size: examples per BatchNorm statistics group in training: the batch is split into
@@ -244,8 +246,8 @@ class DenseNet(_Module):
   bottleneck: bool = True
   compression: float = 0.5
   dropout_rate: float = 0.0
-  memory_efficient: bool = False
-  layers_per_scan: int = 0
+  memory_efficient: bool | None = None
+  layers_per_scan: int | None = None
   kernels: str | None = None
   input_channels: int = 3
 
@@ -267,8 +269,13 @@ class DenseNet(_Module):
       names += [f'block{b}'] + ([f'transition{b}'] if b < len(self.block_sizes) else [])
     return tuple(names)
 
-  def _check_options(self) -> None:
-    if self.layers_per_scan < 0 or (self.layers_per_scan and not self.memory_efficient):
+  def block_form(self) -> kernel_sets.BlockForm:
+    """How the dense blocks are computed on the backend JAX computes on (the options, or its defaults)."""
+    return kernel_sets.resolve_block_form(self.memory_efficient, self.layers_per_scan)
+
+  def _check_options(self) -> kernel_sets.BlockForm:
+    if self.layers_per_scan is not None and (
+        self.layers_per_scan < 0 or (self.layers_per_scan and self.memory_efficient is False)):
       raise ValueError(
           f'layers_per_scan={self.layers_per_scan}: use 0 (every dense layer written out) or a positive number of '
           'layers per scan together with memory_efficient=True (a scanned block keeps only what '
@@ -277,6 +284,7 @@ class DenseNet(_Module):
     if self.kernels is not None and self.kernels not in kernel_sets.KERNELS:
       raise ValueError(f'kernels={self.kernels!r}: use one of {", ".join(kernel_sets.KERNELS)}, or None for the '
                        "backend's default.")
+    return self.block_form()
 
   def _check_input(self, x: Array) -> None:
     expected = f'(batch, height, width, {self.input_channels})'
@@ -306,7 +314,7 @@ class DenseNet(_Module):
     final features the classifier reads; the classifier is not applied (backbone weights need none).
     """
     self._check_input(x)
-    self._check_options()
+    form = self._check_options()
     x = jnp.asarray(x, self.dtype)
     shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, batch_norm_group_size=self.batch_norm_group_size)
     stages = {}
@@ -325,8 +333,8 @@ class DenseNet(_Module):
     for b, num_layers in enumerate(self.block_sizes):
       x = DenseBlock(
           num_layers=num_layers, growth_rate=self.growth_rate, bottleneck=self.bottleneck,
-          dropout_rate=self.dropout_rate, memory_efficient=self.memory_efficient,
-          layers_per_scan=self.layers_per_scan, kernels=self.kernels, name=f'block{b + 1}', **shared,
+          dropout_rate=self.dropout_rate, memory_efficient=form.memory_efficient,
+          layers_per_scan=form.layers_per_scan, kernels=self.kernels, name=f'block{b + 1}', **shared,
       )(x, train)
       stages[f'block{b + 1}'] = x
       if b + 1 < len(self.block_sizes):

@@ -1,4 +1,4 @@
-"""How the model's convolutions run on each backend: the one place that chooses kernels.
+"""How the model's convolutions and dense blocks run on each backend: the one place that chooses per backend.
 
 The model computes one function. A `Kernels` set says how four of its operations are written for the compiler:
 
@@ -18,6 +18,13 @@ backend gets them by default.
 `DenseNet(kernels=None)` resolves to `default_kernels(jax.default_backend())` when the model is traced; pass
 'xla' or 'cpu' to choose. tests/test_kernels.py checks that every set computes the same logits, gradients and
 running statistics.
+
+A `BlockForm` says how dense blocks are computed: layers written out or scanned (`layers_per_scan`), keeping or
+recomputing each layer's normalized input (`memory_efficient`). Every form computes the same function with the
+same variables (tests/test_scanned_block.py, tests/test_models.py); they differ in speed, memory and compile
+time. `DenseNet(memory_efficient=None, layers_per_scan=None)` takes the backend's default form
+(`resolve_block_form`): on the CPU, per CPU family, the fastest form measured there; elsewhere layers written
+out, which GPUs and TPUs were not measured against.
 """
 
 from __future__ import annotations
@@ -206,6 +213,40 @@ def default_kernels(backend: str, family: str | None = None) -> str:
   if backend != 'cpu':
     return XLA.name
   return cpu_family.defaults(family or cpu_family.host()).kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockForm:
+  """How every dense block of a model is computed; every form computes the same function."""
+
+  memory_efficient: bool  # Recompute each layer's normalized input in the backward pass instead of keeping it.
+  layers_per_scan: int  # 0: every layer written out; n > 0: n layers at a time under jax.lax.scan.
+
+
+def default_block_form(backend: str, family: str | None = None) -> BlockForm:
+  """The block form used on `backend` unless a model names one: per CPU family on the CPU, else unrolled."""
+  if backend != 'cpu':
+    return BlockForm(memory_efficient=False, layers_per_scan=0)
+  defaults = cpu_family.defaults(family or cpu_family.host())
+  return BlockForm(defaults.memory_efficient, defaults.layers_per_scan)
+
+
+def resolve_block_form(memory_efficient: bool | None, layers_per_scan: int | None,
+                       backend: str | None = None) -> BlockForm:
+  """The form a model computes with; None leaves an option to `backend` (default: the one JAX computes on).
+
+  An option given wins; the other follows it: layers_per_scan=n > 0 implies memory_efficient, and
+  memory_efficient=False implies unrolled blocks (a scanned block exists only in the memory-efficient form).
+  """
+  if memory_efficient is not None and layers_per_scan is not None:
+    return BlockForm(memory_efficient, layers_per_scan)
+  default = default_block_form(backend or jax.default_backend())
+  if layers_per_scan is not None:
+    return BlockForm(layers_per_scan > 0 or default.memory_efficient, layers_per_scan)
+  if memory_efficient is None:
+    return default
+  # memory_efficient given: scanned only where the default form is the memory-efficient, scanned one.
+  return BlockForm(memory_efficient, default.layers_per_scan if memory_efficient and default.memory_efficient else 0)
 
 
 def resolve(name: str | None) -> Kernels:

@@ -41,6 +41,10 @@ IMAGENET_CLASSES = 1000
 # Fields that do not change what a run computes: a resumed run may change them.
 COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir',
                              'checkpoint_every_epochs', 'eval_every_epochs'})
+# Fields that choose how the same model is computed (densenet_jax/model/kernels.py): a resumed run may change
+# them too, e.g. on a machine whose default form differs; it then continues the same training, equal to an
+# uninterrupted run up to float rounding rather than bit for bit.
+FORM_FIELDS = frozenset({'memory_efficient', 'layers_per_scan', 'kernels'})
 
 
 class DiskFullError(RuntimeError):
@@ -101,14 +105,15 @@ def _read_json(path: str) -> dict:
 def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bool = True) -> None:
   """Refuses to continue a run of another config in `workdir`; records the config of a new run.
 
-  Fields that do not change the result (COSMETIC_FIELDS) may differ. Only the `writer` process writes.
+  Fields that do not change the result (COSMETIC_FIELDS) or only how it is computed (FORM_FIELDS) may differ.
+  Only the `writer` process writes.
   """
   path = f'{workdir}/{CONFIG_FILE}'
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
   if storage.exists(path):
     previous = config_lib.with_defaults(_read_json(path))  # A field added since the run started ran at its default.
     changed = sorted(k for k in set(previous) | set(resolved)
-                     if k not in COSMETIC_FIELDS and previous.get(k) != resolved.get(k))
+                     if k not in COSMETIC_FIELDS | FORM_FIELDS and previous.get(k) != resolved.get(k))
     if changed:
       details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed)
       raise config_lib.ConfigError(
@@ -199,12 +204,12 @@ def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, An
   """(model, variables) from a training workdir, one of its checkpoints/<step> directories, or converted weights.
 
   The architecture comes from the run's config.json or from the converted weights' metadata; the numbers of classes
-  and input channels from the weights. The model computes in float32 without rematerialization (for forward
-  passes) unless `overrides` say otherwise. Raises ValueError if the weights do not fit it.
+  and input channels from the weights. The model computes in float32 with the backend's default block form
+  unless `overrides` say otherwise. Raises ValueError if the weights do not fit it.
   """
   path = storage.absolute(path)
   variables = load_variables(path)
-  options = {**dict(dtype=jnp.float32, memory_efficient=False, layers_per_scan=0), **overrides}
+  options = {**dict(dtype=jnp.float32, memory_efficient=None, layers_per_scan=None), **overrides}
   config_path = find_config(path)
   if config_path is not None:
     params = variables['params']
