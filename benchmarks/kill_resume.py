@@ -32,18 +32,18 @@ from densenet_jax.training import checkpoints, integrity, reporting
 from densenet_jax.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 11 steps per epoch, a checkpoint at the end of each; every step logged.
-TINY = [
+# Digits, a one-layer-per-block DenseNet-BC, batch 128: 11 steps per epoch, every step logged (the tests' tiny run).
+TINY_RUN = [
     '--config=configs/quickstart.py',
     '--config.architecture.depth=10',
     '--config.architecture.growth_rate=4',
     '--config.batch_size=128',
     '--config.log_every_steps=1',
     '--config.progress_bar=False',
-    '--config.checkpoint_every_epochs=1',
-    '--config.eval_every_epochs=1',
-    '--config.lr_boundaries_epochs=(2,)',
 ]
+# And a checkpoint at the end of each epoch.
+TINY = [*TINY_RUN, '--config.checkpoint_every_epochs=1', '--config.eval_every_epochs=1',
+        '--config.lr_boundaries_epochs=(2,)']
 COMPARED = ('train_loss', 'train_accuracy', 'learning_rate', 'eval_loss', 'eval_accuracy', 'eval_top5_accuracy')
 POLL_SECONDS = 0.005
 

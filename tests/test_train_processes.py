@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks import kill_resume
 from densenet_jax.training import checkpoints
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training import reporting
@@ -17,14 +18,7 @@ from densenet_jax.training import reporting
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Digits, a one-layer-per-block DenseNet-BC, batch 128: 11 steps per epoch.
-TINY = [
-    '--config=configs/quickstart.py',
-    '--config.architecture.depth=10',
-    '--config.architecture.growth_rate=4',
-    '--config.batch_size=128',
-    '--config.log_every_steps=1',
-    '--config.progress_bar=False',
-]
+TINY = kill_resume.TINY_RUN
 
 
 def run_train(workdir, *flags, env=None, wait=True):

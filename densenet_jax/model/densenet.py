@@ -273,7 +273,7 @@ class DenseNet(_Module):
     """How the dense blocks are computed on the backend JAX computes on (the options, or its defaults)."""
     return kernel_sets.resolve_block_form(self.memory_efficient, self.layers_per_scan)
 
-  def _check_options(self) -> kernel_sets.BlockForm:
+  def _check_options(self) -> None:
     if self.layers_per_scan is not None and (
         self.layers_per_scan < 0 or (self.layers_per_scan and self.memory_efficient is False)):
       raise ValueError(
@@ -284,7 +284,6 @@ class DenseNet(_Module):
     if self.kernels is not None and self.kernels not in kernel_sets.KERNELS:
       raise ValueError(f'kernels={self.kernels!r}: use one of {", ".join(kernel_sets.KERNELS)}, or None for the '
                        "backend's default.")
-    return self.block_form()
 
   def _check_input(self, x: Array) -> None:
     expected = f'(batch, height, width, {self.input_channels})'
@@ -314,7 +313,8 @@ class DenseNet(_Module):
     final features the classifier reads; the classifier is not applied (backbone weights need none).
     """
     self._check_input(x)
-    form = self._check_options()
+    self._check_options()
+    form = self.block_form()
     x = jnp.asarray(x, self.dtype)
     shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, batch_norm_group_size=self.batch_norm_group_size)
     stages = {}
