@@ -274,6 +274,20 @@ def test_quickstart_reaches_97_percent_on_digits(tmp_path):
   assert final['eval_accuracy'] >= 0.97
 
 
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_value_among_leaves_of_every_shape_and_dtype(bad):
+  from densenet_jax.training import steps
+  tree = {'kernel': np.ones((3, 3, 4, 2), np.float32), 'scale': np.ones((5,), jnp.bfloat16),
+          'count': np.array(7, np.int32), 'loss': np.float32(0.5)}
+  check = jax.jit(steps.all_finite)
+  assert bool(check(tree, {'var': np.ones((2, 6), np.float32)}))
+  for name in ('kernel', 'scale', 'loss'):
+    broken = dict(tree, **{name: np.array(tree[name]).copy()})
+    broken[name].reshape(-1)[-1] = bad
+    assert not bool(check(broken)), name
+  assert bool(check({'count': np.array(7, np.int32)})) and bool(check())
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   # Epoch 1 trains normally and is checkpointed; at epoch 1 the learning rate jumps to 1e6.
   config = tiny_config(num_epochs=2, lr_boundaries_epochs=(1,), lr_decay_factor=1e7)
