@@ -51,12 +51,14 @@ def all_finite(*trees: Any) -> jax.Array:
 
   One reduction over all values at once: a reduction per leaf would make XLA compile a kernel per leaf shape,
   which for a deep DenseNet's hundreds of parameter shapes costs more compile time than the model's own layers.
+  x * 0 is 0 for every finite x and NaN for NaN and infinities, so the sum is finite exactly when every value is;
+  XLA:CPU vectorizes that sum, and not a logical all() over the concatenation (4x slower).
   """
   leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
   if not leaves:
     return jnp.bool_(True)
   values = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
-  return jnp.all(jnp.isfinite(values))
+  return jnp.isfinite(jnp.sum(values * 0))
 
 
 # ----------------------------------------------------------------------------------------------
