@@ -17,6 +17,7 @@ import jax
 import optax
 
 from densenet_jax import cpu_family, xla_flags
+from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.training import optim
 
 # XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
@@ -34,8 +35,7 @@ def add_block_form_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_block_form_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  if args.layers_per_scan is not None and (
-      args.layers_per_scan < 0 or (args.layers_per_scan and args.memory_efficient is False)):
+  if not kernel_sets.block_options_exist(args.memory_efficient, args.layers_per_scan):
     parser.error('--layers_per_scan N (N >= 1) computes the memory-efficient model: drop --no-memory_efficient.')
 
 

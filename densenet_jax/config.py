@@ -155,8 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints'):
     if config[field] < 1:
       raise ConfigError(f'config.{field} must be at least 1, got {config[field]}.')
-  if config.layers_per_scan is not None and (
-      config.layers_per_scan < 0 or (config.layers_per_scan and config.memory_efficient is False)):
+  if not kernels.block_options_exist(config.memory_efficient, config.layers_per_scan):
     raise ConfigError(
         f'config.layers_per_scan={config.layers_per_scan} needs a whole number >= 0, and when positive also '
         '--config.memory_efficient=True (a scanned dense block keeps only what memory_efficient keeps).'

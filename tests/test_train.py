@@ -24,6 +24,7 @@ from densenet_jax import config as config_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
+from densenet_jax.training import steps
 from densenet_jax.data import sources
 from densenet_jax.training import loop as training
 
@@ -276,7 +277,6 @@ def test_quickstart_reaches_97_percent_on_digits(tmp_path):
 
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_one_bad_value_among_leaves_of_every_shape_and_dtype(bad):
-  from densenet_jax.training import steps
   tree = {'kernel': np.ones((3, 3, 4, 2), np.float32), 'scale': np.ones((5,), jnp.bfloat16),
           'count': np.array(7, np.int32), 'loss': np.float32(0.5)}
   check = jax.jit(steps.all_finite)

@@ -274,8 +274,7 @@ class DenseNet(_Module):
     return kernel_sets.resolve_block_form(self.memory_efficient, self.layers_per_scan)
 
   def _check_options(self) -> None:
-    if self.layers_per_scan is not None and (
-        self.layers_per_scan < 0 or (self.layers_per_scan and self.memory_efficient is False)):
+    if not kernel_sets.block_options_exist(self.memory_efficient, self.layers_per_scan):
       raise ValueError(
           f'layers_per_scan={self.layers_per_scan}: use 0 (every dense layer written out) or a positive number of '
           'layers per scan together with memory_efficient=True (a scanned block keeps only what '

@@ -223,6 +223,14 @@ class BlockForm:
   layers_per_scan: int  # 0: every layer written out; n > 0: n layers at a time under jax.lax.scan.
 
 
+def block_options_exist(memory_efficient: bool | None, layers_per_scan: int | None) -> bool:
+  """Whether the two options name a form: layers_per_scan unset, 0, or n > 0 without memory_efficient=False
+  (a scanned block exists only in the memory-efficient form)."""
+  if layers_per_scan is None or layers_per_scan == 0:
+    return True
+  return layers_per_scan > 0 and memory_efficient is not False
+
+
 def default_block_form(backend: str, family: str | None = None) -> BlockForm:
   """The block form used on `backend` unless a model names one: per CPU family on the CPU, else unrolled."""
   if backend != 'cpu':
