@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from densenet_jax.model import dense_layer, layers
 from densenet_jax.model.layers import Moments
@@ -71,10 +72,17 @@ class BlockSpec:
 # The variables of a group, stacked and padded: one array per kind of variable, one row per layer.
 
 
+# Padding and slicing as lax primitives: jnp.pad and jnp indexing trace a nested function for every new shape,
+# and a deep model has a new shape at every layer (about 1 s of BC-190's train-step trace).
 def _pad_last(x: Array, width: int, axis: int = -1) -> Array:
-  padding = [(0, 0)] * x.ndim
-  padding[axis] = (0, width - x.shape[axis])
-  return jnp.pad(x, padding)
+  padding = [(0, 0, 0)] * x.ndim
+  padding[axis] = (0, width - x.shape[axis], 0)
+  return jax.lax.pad(x, np.zeros((), x.dtype), padding)
+
+
+def _prefix(x: Array, width: int) -> Array:
+  """The first `width` channels (last axis) of x."""
+  return jax.lax.slice_in_dim(x, 0, width, axis=-1)
 
 
 def _pad_layer(layer: Tree, width: int) -> dict[str, Any]:
@@ -122,8 +130,8 @@ def _forward(spec, x, group_params, group_keys, group_stats):
       buffer, block_moments = carry
       index, params, key, stats = row
       bottom_key, top_key = dense_layer.dropout_keys(key)
-      norm1 = Moments(*(m[..., :group_width] for m in block_moments)) if train else Moments(**stats['norm1'])
-      z = dense_layer.dense_layer_bottom(spec.layer, params, buffer[..., :group_width], norm1, bottom_key)
+      norm1 = Moments(*(_prefix(m, group_width) for m in block_moments)) if train else Moments(**stats['norm1'])
+      z = dense_layer.dense_layer_bottom(spec.layer, params, _prefix(buffer, group_width), norm1, bottom_key)
       new, z_moments = z, None
       if spec.layer.bottleneck:
         norm2 = None if train else Moments(**stats['norm2'])
@@ -170,8 +178,8 @@ def _train_backward(spec, residuals, cotangents):
   d_group_params = []
   for group, params, keys, z in reversed(list(zip(spec.groups(), group_params, group_keys, bottlenecks))):
     group_width = spec.input_width(group[-1])
-    inputs = buffer[..., :group_width]
-    norm1 = Moments(*(m[..., :group_width] for m in block_moments))
+    inputs = _prefix(buffer, group_width)
+    norm1 = Moments(*(_prefix(m, group_width) for m in block_moments))
 
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
@@ -209,7 +217,7 @@ def _train_backward(spec, residuals, cotangents):
     d_group_params.append(d_params)
 
   c0 = spec.input_channels
-  d_x = d_buffer[..., :c0] + jax.vjp(moments, x)[1](Moments(*(d[..., :c0] for d in d_moments)))[0]
+  d_x = _prefix(d_buffer, c0) + jax.vjp(moments, x)[1](Moments(*(_prefix(d, c0) for d in d_moments)))[0]
   return d_x.astype(x.dtype), d_group_params[::-1], jax.tree.map(lambda _: None, group_keys)
 
 
@@ -243,7 +251,7 @@ def train(spec: BlockSpec, x: Array, params: Sequence[Tree], layer_keys: Sequenc
   for group, group_moments in zip(spec.groups(), bottleneck_moments):
     for row, i in enumerate(group):
       width = spec.input_width(i)
-      layer_stats = {'norm1': Moments(*(m[..., :width] for m in block_moments))}
+      layer_stats = {'norm1': Moments(*(_prefix(m, width) for m in block_moments))}
       if group_moments is not None:
         layer_stats['norm2'] = Moments(*(jax.lax.stop_gradient(m[row]) for m in group_moments))
       stats.append(layer_stats)
