@@ -73,6 +73,24 @@ def moments(x: Array, group_size: int | None = None) -> Moments:
   return Moments(mean.reshape(var.shape), var)
 
 
+def moments_gradient(x: Array, stats: Moments, d_stats: Moments, group_size: int | None = None) -> Array:
+  """The gradient with respect to x of `moments(x, group_size)`, given those moments and their cotangents.
+
+  d mean / dx = 1 / n and d var / dx = 2 (x - mean) / n per channel (and group); the mean's own dependence on x
+  drops out of the variance's gradient because the deviations sum to zero. Autodiff of `moments` would first
+  recompute the mean, one more pass over x.
+  """
+  values = _grouped(x, group_size)
+  if values is None:
+    values, rows = x, (x.shape[-1],)
+  else:  # (groups, channels) statistics against (groups, group_size, ..., channels) values
+    rows = (values.shape[0],) + (1,) * (values.ndim - 2) + (x.shape[-1],)
+  mean, d_mean, d_var = (a.astype(jnp.float32).reshape(rows) for a in (stats.mean, d_stats.mean, d_stats.var))
+  deviation = values.astype(jnp.promote_types(x.dtype, jnp.float32)) - mean
+  d_x = (d_mean + 2 * d_var * deviation) / examples_per_channel(x, group_size)
+  return d_x.reshape(x.shape).astype(x.dtype)
+
+
 def examples_per_channel(x: Array, group_size: int | None = None) -> int:
   """How many values each channel's batch statistics average over (batch or group x height x width)."""
   return math.prod(x.shape[1:-1]) * (group_size or x.shape[0])

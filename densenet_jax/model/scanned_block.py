@@ -164,44 +164,49 @@ def _train(spec: BlockSpec, x: Array, group_params: list[Any], group_keys: list[
 def _train_forward(spec, x, group_params, group_keys):
   buffer, block_moments, saved = _forward(spec, x, group_params, group_keys, None)
   bottlenecks, bottleneck_moments = zip(*[(None, None) if keep is None else keep for keep in saved])
-  residuals = (x, buffer, block_moments, group_params, group_keys, list(bottlenecks))
+  residuals = (x, buffer, block_moments, group_params, group_keys, list(bottlenecks), list(bottleneck_moments))
   return (buffer, (block_moments, list(bottleneck_moments))), residuals
 
 
 def _train_backward(spec, residuals, cotangents):
-  x, buffer, block_moments, group_params, group_keys, bottlenecks = residuals
+  x, buffer, block_moments, group_params, group_keys, bottlenecks, bottleneck_moments = residuals
   d_buffer = cotangents[0]  # The moments are statistics for the running averages: not differentiated.
   d_moments = Moments(*(jnp.zeros_like(m) for m in block_moments))
   growth = spec.growth_rate
-  moments = functools.partial(layers.moments, group_size=spec.layer.batch_norm_group_size)
+  # The gradient through the batch moments, from the moments kept from the forward pass: no reduction again.
+  moments_gradient = functools.partial(layers.moments_gradient, group_size=spec.layer.batch_norm_group_size)
 
   d_group_params = []
-  for group, params, keys, z in reversed(list(zip(spec.groups(), group_params, group_keys, bottlenecks))):
+  groups = zip(spec.groups(), group_params, group_keys, bottlenecks, bottleneck_moments)
+  for group, params, keys, z, z_moments in reversed(list(groups)):
     group_width = spec.input_width(group[-1])
     inputs = _prefix(buffer, group_width)
     norm1 = Moments(*(_prefix(m, group_width) for m in block_moments))
 
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
-      index, params, key, z = row
+      index, params, key, z, z_moments = row
       bottom_key, top_key = dense_layer.dropout_keys(key)
       position = spec.input_width(index)
       new = jax.lax.dynamic_slice_in_dim(buffer, position, growth, axis=-1)
       # Every later layer has added its share of this layer's output gradient; add the share that
       # flows through the batch moments of the new channels.
       d_new = jax.lax.dynamic_slice_in_dim(d_buffer, position, growth, axis=-1)
-      d_new_moments = Moments(*(jax.lax.dynamic_slice_in_dim(d, position, growth, axis=-1) for d in d_moments))
-      d_new = d_new + jax.vjp(moments, new)[1](d_new_moments)[0]
+      new_moments, d_new_moments = (
+          Moments(*(jax.lax.dynamic_slice_in_dim(m, position, growth, axis=-1) for m in ms))
+          for ms in (block_moments, d_moments))
+      d_new = d_new + moments_gradient(new, new_moments, d_new_moments)
 
       def bottom(inputs, norm1, params):
         return dense_layer.dense_layer_bottom(spec.layer, params, inputs, norm1, bottom_key)
 
       if spec.layer.bottleneck:
-        def top(z, params):
-          return dense_layer.dense_layer_top(spec.layer, params, z, None, top_key)
+        def top(z, z_moments, params):
+          return dense_layer.dense_layer_top(spec.layer, params, z, z_moments, top_key)[0]
 
-        (_, z_moments), top_vjp = jax.vjp(top, z, params)
-        d_z, d_params_top = top_vjp((d_new, Moments(*(jnp.zeros_like(m) for m in z_moments))))
+        _, top_vjp = jax.vjp(top, z, z_moments, params)
+        d_z, d_z_moments, d_params_top = top_vjp(d_new)
+        d_z = d_z + moments_gradient(z, z_moments, d_z_moments)
       else:
         d_z, d_params_top = d_new, None
       _, bottom_vjp = jax.vjp(bottom, inputs, norm1, params)
@@ -212,12 +217,13 @@ def _train_backward(spec, residuals, cotangents):
       d_moments = Moments(*(d.at[..., :group_width].add(dn) for d, dn in zip(d_moments, d_norm1)))
       return (d_buffer, d_moments), d_params
 
-    rows = (jnp.arange(group.start, group.stop), params, keys, z)
+    rows = (jnp.arange(group.start, group.stop), params, keys, z, z_moments)
     (d_buffer, d_moments), d_params = jax.lax.scan(body, (d_buffer, d_moments), rows, reverse=True)
     d_group_params.append(d_params)
 
   c0 = spec.input_channels
-  d_x = _prefix(d_buffer, c0) + jax.vjp(moments, x)[1](Moments(*(_prefix(d, c0) for d in d_moments)))[0]
+  x_moments, d_x_moments = (Moments(*(_prefix(m, c0) for m in ms)) for ms in (block_moments, d_moments))
+  d_x = _prefix(d_buffer, c0) + moments_gradient(x, x_moments, d_x_moments)
   return d_x.astype(x.dtype), d_group_params[::-1], jax.tree.map(lambda _: None, group_keys)
 
 
