@@ -13,8 +13,10 @@ BatchNorm-ReLU and convolution of each layer.
 The backward pass is written by hand (`jax.custom_vjp`). A channel that a layer must not see is one
 its zero-padded parameters ignore, so the backward pass can read every layer's input from the block's
 *final* output buffer instead of keeping one buffer per layer. It keeps the output buffer, the batch
-moments and each layer's bottleneck output (the activations `memory_efficient=True` keeps) and
-recomputes the rest, so activation memory grows linearly with depth.
+moments, each layer's bottleneck output (the activations `memory_efficient=True` keeps) and that
+output's moments, and recomputes the rest, so activation memory grows linearly with depth. The
+gradient through the moments comes from the kept ones (`layers.moments_gradient`), not from reducing
+the feature maps again.
 
 In training mode the BatchNorm statistics of a channel are computed once, when the channel is written
 (as in the unrolled block); they are returned for the running averages and are not differentiated.
