@@ -75,7 +75,7 @@ class BlockSpec:
 
 
 # Padding and slicing as lax primitives: jnp.pad and jnp indexing trace a nested function for every new shape,
-# and a deep model has a new shape at every layer (about 1 s of BC-190's train-step trace).
+# and a deep model has a new shape at every layer (docs/performance.md, "Compile time").
 def _pad_last(x: Array, width: int, axis: int = -1) -> Array:
   padding = [(0, 0, 0)] * x.ndim
   padding[axis] = (0, width - x.shape[axis], 0)
