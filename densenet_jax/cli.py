@@ -155,6 +155,7 @@ def start(argv: list[str], *, positional: bool = False) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()
   sys.excepthook = without_late_wake_ups(sys.excepthook)
+  sys.unraisablehook = unraisable_without_late_wake_ups(sys.unraisablehook)
   keep_accelerators_for_jax()
   parallel.maybe_initialize_distributed()
 
@@ -164,7 +165,8 @@ def is_late_wake_up(value: BaseException | None, tb) -> bool:
 
   tensorstore finishes writes in its own threads and wakes orbax's asyncio loop with call_soon_threadsafe. When a
   save fails (a full disk), orbax closes the loop while other writes are still under way; each of them then
-  prints a RuntimeError traceback from that native thread. The failure itself reaches the main thread.
+  prints a RuntimeError traceback from that native thread, through sys.excepthook or, from a tensorstore future's
+  done callback, through sys.unraisablehook. The failure itself reaches the main thread.
   """
   return (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed' and tb is not None
           and tb.tb_frame.f_code.co_name == 'call_soon_threadsafe')  # called from native code: no caller frame
@@ -178,6 +180,16 @@ def without_late_wake_ups(hook: Callable) -> Callable:
       hook(exc_type, value, tb)
 
   return excepthook
+
+
+def unraisable_without_late_wake_ups(hook: Callable) -> Callable:
+  """`hook` (sys.unraisablehook) silent for is_late_wake_up errors."""
+
+  def unraisablehook(unraisable):
+    if not is_late_wake_up(unraisable.exc_value, unraisable.exc_traceback):
+      hook(unraisable)
+
+  return unraisablehook
 
 
 def run_reporting_failures(job: Callable[[], T]) -> T:

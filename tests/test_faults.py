@@ -238,6 +238,26 @@ def test_late_wake_ups_of_a_closed_event_loop_are_not_printed():
   assert printed == [late, other]
 
 
+def test_late_wake_ups_from_tensorstore_done_callbacks_are_not_printed(monkeypatch):
+  import asyncio
+
+  import tensorstore as ts
+
+  from densenet_jax import cli
+
+  printed = []
+  monkeypatch.setattr(sys, 'unraisablehook', cli.unraisable_without_late_wake_ups(
+      lambda unraisable: printed.append(unraisable.exc_value)))
+  loop = asyncio.new_event_loop()
+  loop.close()
+  promise, future = ts.Promise.new()
+  future.add_done_callback(loop.call_soon_threadsafe)  # a write's completion after a failed save closed the loop
+  future.add_done_callback(lambda _: loop.call_soon_threadsafe(print))  # a Python caller: printed
+  promise.set_result(0)  # tensorstore runs the callbacks; their errors go to sys.unraisablehook
+  assert [str(error) for error in printed] == ['Event loop is closed']
+  assert printed[0].__traceback__.tb_frame.f_code.co_name == '<lambda>'
+
+
 def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
   # tests/test_train_processes.py sends SIGTERM to train.py and checks the exact resume; here the
   # run sends itself a real SIGINT (Ctrl-C) after its third batch.
