@@ -156,7 +156,7 @@ def test_paper_depth_is_the_number_in_the_name(name):
 ], ids=['cifar_stem', 'imagenet_stem'])
 def test_block_activations_have_the_stage_shapes_in_network_order(model, size):
   images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), images)
+  variables = model_lib.init_variables(model, jax.random.key(0), images)
   activations = analysis.block_activations(model, variables, images)
   stages = [s for s in summary.summarize(model, (size, size, 3)).stages if s.name != 'classifier']
   assert list(activations) == [s.name for s in stages]
@@ -213,7 +213,7 @@ def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
   # Loaded models compute with the backend's default block form (None), whatever the run used.
   expected = model_lib.from_config(config, num_classes=10, input_channels=1, layers_per_scan=None,
                                    memory_efficient=None)
-  variables = jax.jit(expected.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  variables = model_lib.init_variables(expected, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1, asynchronous=False)
   checkpointer.save(7, {'step': 7, **variables})
   checkpointer.close()
@@ -232,7 +232,7 @@ def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
 
 def test_load_model_from_converted_weights(tmp_path):
   model = tiny_imagenet_model()
-  variables = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  variables = model_lib.init_variables(model, jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
   source = tmp_path / 'model.safetensors'
   safetensors_numpy.save_file(weights.to_torch_state_dict(variables), str(source))
   weights_cli.main(['convert', f'--source={source}', f'--output={tmp_path / "converted"}'])
@@ -244,7 +244,7 @@ def test_load_model_from_converted_weights(tmp_path):
 def test_figures_have_one_panel_per_block_and_render():
   model = tiny_imagenet_model()
   images = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), images)
+  variables = model_lib.init_variables(model, jax.random.key(0), images)
   reuse = analysis.feature_reuse(variables['params'])
   fig = analysis.plot_feature_reuse(reuse, title='tiny')
   panels = [ax for ax in fig.axes if ax.get_title()]

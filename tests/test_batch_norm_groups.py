@@ -31,7 +31,7 @@ def train_apply(model, variables, x):
 
 def test_one_group_of_the_whole_batch_is_todays_model_exactly():
   x = images()
-  variables = jax.jit(tiny().init)(jax.random.key(1), x)
+  variables = model_lib.init_variables(tiny(), jax.random.key(1), x)
   logits, updates = train_apply(tiny(), variables, x)
   grouped_logits, grouped_updates = train_apply(tiny(batch_norm_group_size=8), variables, x)
   np.testing.assert_array_equal(grouped_logits, logits)
@@ -42,7 +42,7 @@ def test_one_group_of_the_whole_batch_is_todays_model_exactly():
 def test_each_group_is_normalized_as_if_it_ran_alone(layers_per_scan):
   options = dict(memory_efficient=bool(layers_per_scan), layers_per_scan=layers_per_scan)
   x = images()
-  variables = jax.jit(tiny().init)(jax.random.key(1), x)
+  variables = model_lib.init_variables(tiny(), jax.random.key(1), x)
   logits, updates = train_apply(tiny(batch_norm_group_size=4, **options), variables, x)
   halves = [train_apply(tiny(**options), variables, x[i:i + 4]) for i in (0, 4)]
   np.testing.assert_allclose(logits, jnp.concatenate([h[0] for h in halves]), rtol=1e-5, atol=1e-5)
@@ -53,7 +53,7 @@ def test_each_group_is_normalized_as_if_it_ran_alone(layers_per_scan):
 
 def test_scanned_backward_with_groups_equals_autodiff_of_the_unrolled_model():
   x = images()
-  variables = jax.jit(tiny().init)(jax.random.key(1), x)
+  variables = model_lib.init_variables(tiny(), jax.random.key(1), x)
   labels = jnp.arange(8) % 10
 
   def gradient(model):
@@ -70,12 +70,12 @@ def test_scanned_backward_with_groups_equals_autodiff_of_the_unrolled_model():
 FOUR_DEVICES = """
 import functools, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from densenet_jax.model import cifar_densenet
+from densenet_jax.model import cifar_densenet, init_variables
 from densenet_jax.training import parallel
 assert jax.device_count() == 4
 tiny = functools.partial(cifar_densenet, 10, 4, bottleneck=True, compression=0.5, kernels='xla')
 x = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
-variables = jax.jit(tiny().init)(jax.random.key(1), x)
+variables = init_variables(tiny(), jax.random.key(1), x)
 mesh = parallel.create_mesh()
 step = lambda model: jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']),
                              in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))

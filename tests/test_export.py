@@ -21,7 +21,7 @@ def tiny():
   model = model_lib.cifar_densenet(10, 4, bottleneck=True, compression=0.5, num_classes=10)
   spec = image_files.ImageSpec('cifar10', (32, 32, 3), *pipeline.image_file_normalization('cifar10'))
   images = export_lib.reference_inputs(spec, False, count=8, seed=1)
-  variables = model.init(jax.random.key(0), images)
+  variables = model_lib.init_variables(model, jax.random.key(0), images)
   _, updates = model.apply(variables, images * 1.5 + 0.3, train=True, mutable=['batch_stats'])
   return model, {**variables, **updates}, spec
 

@@ -177,7 +177,7 @@ def test_feature_info_of_every_model(name):
 def test_extracted_features_are_the_forward_pass_intermediates():
   model = model_lib.cifar_densenet(10, 4, bottleneck=True, compression=0.5, num_classes=7)
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), images)
+  variables = model_lib.init_variables(model, jax.random.key(0), images)
   # Non-trivial running statistics: one train-mode pass.
   _, updates = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(variables, images * 2 + 1)
   variables = {**variables, **updates}
@@ -214,7 +214,7 @@ def test_converted_imagenet_weights_predict_with_imagenet_names_and_preprocessin
   from densenet_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
 
   model = model_lib.DenseNet(block_sizes=(1, 1), growth_rate=4, stem_channels=8, num_classes=1000)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  variables = model_lib.init_variables(model, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   architecture = dict(block_sizes=[1, 1], growth_rate=4, stem='imagenet', stem_channels=8, bottleneck=True,
                       compression=0.5, input_channels=3)
   path = checkpoints.save_variables(str(tmp_path / 'converted'), variables,

@@ -94,7 +94,7 @@ def test_every_kernel_set_computes_the_same_model(form):
   model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, dropout_rate=0.2, **form).clone(
       stem=stem)
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  variables = model.init(jax.random.key(0), images)
+  variables = model_lib.init_variables(model, jax.random.key(0), images)
 
   def run(kernel_set):
     net = model.clone(kernels=kernel_set)
@@ -124,7 +124,8 @@ def test_the_model_computes_the_same_whatever_xla_flags_hold():
   # The model reads no environment: a process without the entry points' XLA flags computes the same logits.
   code = ('import numpy as np, jax; from densenet_jax import model; '
           'm = model.cifar_densenet(10, 4, bottleneck=True, compression=0.5); x = np.ones((2, 8, 8, 3), np.float32); '
-          'v = m.init(jax.random.key(0), x); print(repr(np.asarray(m.apply(v, x * 0.5)).round(5).tolist()))')
+          'v = model.init_variables(m, jax.random.key(0), x); '
+          'print(repr(np.asarray(m.apply(v, x * 0.5)).round(5).tolist()))')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   outputs = []
   for flags in ('', os.environ.get('XLA_FLAGS', '')):

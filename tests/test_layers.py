@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from densenet_jax import model as model_lib
 from densenet_jax.model import layers
 
 
@@ -58,9 +59,10 @@ def randomized(variables, seed=1):
 def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
   features = feature_maps()
   fast, reference = Fast(), Reference()
-  variables = randomized(reference.init(jax.random.key(0), features, False))
+  variables = randomized(model_lib.init_variables(reference, jax.random.key(0), features, train=False))
   # Same variable tree: checkpoints and converted weights load into either.
-  assert jax.tree.structure(variables) == jax.tree.structure(fast.init(jax.random.key(0), features, False))
+  fast_variables = model_lib.init_variables(fast, jax.random.key(0), features, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(fast_variables)
   moments = [layers.moments(f) for f in features] if given_moments else None
 
   def run(module, params, features):
@@ -94,7 +96,7 @@ def test_shared_moments_give_the_same_gradients_as_recomputed_ones():
   # A dense block passes the moments it computed once; gradients must flow through them the same.
   features = feature_maps()
   module = Fast()
-  variables = randomized(module.init(jax.random.key(0), features, False))
+  variables = randomized(model_lib.init_variables(module, jax.random.key(0), features, train=False))
   cotangent = jax.random.normal(jax.random.key(3), (4, 6, 6, 11))
 
   def loss(features, share):
@@ -150,7 +152,7 @@ def test_gradients_stay_accurate_when_the_mean_dwarfs_the_spread():
 def test_batch_norm_relu_in_bfloat16_normalizes_in_float32():
   features = [f.astype(jnp.bfloat16) for f in feature_maps()]
   module = Fast(dtype=jnp.bfloat16)
-  variables = module.init(jax.random.key(0), features, False)
+  variables = model_lib.init_variables(module, jax.random.key(0), features, train=False)
   out, _ = module.apply(variables, features, True, mutable=['batch_stats'])
   assert out.dtype == jnp.bfloat16
   expected, _ = Reference().apply(variables, [f.astype(jnp.float32) for f in features], True,
@@ -165,7 +167,7 @@ def test_running_variance_follows_pytorch_batch_norm():
   batches = [3.0 + 2.0 * rng.standard_normal((4, 5, 5, 6)).astype(np.float32) for _ in range(3)]
   reference = torch.nn.BatchNorm2d(6, eps=1e-5, momentum=0.1).train()
   module = Fast()
-  variables = module.init(jax.random.key(0), [jnp.asarray(batches[0])], False)
+  variables = model_lib.init_variables(module, jax.random.key(0), [jnp.asarray(batches[0])], train=False)
   for x in batches:
     reference(torch.from_numpy(x.transpose(0, 3, 1, 2)))
     _, updates = module.apply(variables, [jnp.asarray(x)], True, mutable=['batch_stats'])

@@ -50,7 +50,7 @@ def test_scanned_blocks_compute_the_unrolled_model(bottleneck, layers_per_scan):
   scanned = unrolled.clone(layers_per_scan=layers_per_scan)
   x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
   labels = jnp.arange(6) % 5
-  variables = jax.jit(unrolled.init)(jax.random.key(1), x)
+  variables = model_lib.init_variables(unrolled, jax.random.key(1), x)
   # The same variables: checkpoints and converted weights move freely between the two.
   assert jax.tree.structure(jax.eval_shape(scanned.init, jax.random.key(1), x)) == jax.tree.structure(variables)
   variables = randomized(variables, seed=2)
@@ -76,7 +76,7 @@ def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
   spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, layers_per_scan=2, layer=layer)
   x = 1.0 + jax.random.normal(jax.random.key(0), (4, 6, 6, spec.input_channels))
   block = model_lib.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
-  params = randomized(block.init(jax.random.key(1), x, train=False)['params'], seed=3)
+  params = randomized(model_lib.init_variables(block, jax.random.key(1), x, train=False)['params'], seed=3)
   params = [params[f'layer{i + 1}'] for i in range(spec.num_layers)]
   keys = list(jax.random.split(jax.random.key(4), spec.num_layers))
   weights = jax.random.normal(jax.random.key(5), (4, 6, 6, spec.output_channels))
@@ -114,7 +114,7 @@ def test_bfloat16_scanned_blocks_match_the_unrolled_ones():
   unrolled = tiny_model(dtype=jnp.bfloat16)
   scanned = unrolled.clone(layers_per_scan=2)
   x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
-  variables = jax.jit(unrolled.init)(jax.random.key(1), x)
+  variables = model_lib.init_variables(unrolled, jax.random.key(1), x)
   expected = jax.jit(run, static_argnums=0)(unrolled, variables, x, jnp.arange(6) % 5)
   got = jax.jit(run, static_argnums=0)(scanned, variables, x, jnp.arange(6) % 5)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(got['grads']))

@@ -17,6 +17,7 @@ from densenet_jax.model.registry import (
     describe,
     from_config,
     imagenet_densenet,
+    init_variables,
     replace_head,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     'describe',
     'from_config',
     'imagenet_densenet',
+    'init_variables',
     'replace_head',
 ]

@@ -25,12 +25,16 @@ same variables (tests/test_scanned_block.py, tests/test_models.py); they differ 
 time. `DenseNet(memory_efficient=None, layers_per_scan=None)` takes the backend's default form
 (`resolve_block_form`): on the CPU, per CPU family, the fastest form measured there; elsewhere layers written
 out, which GPUs and TPUs were not measured against.
+
+`run_once` compiles a program that runs once, such as the variables' initialization, with the backend's options
+for such code: there compile time matters, not speed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -255,6 +259,20 @@ def resolve_block_form(memory_efficient: bool | None, layers_per_scan: int | Non
     return default
   # memory_efficient given: scanned only where the default form is the memory-efficient, scanned one.
   return BlockForm(memory_efficient, default.layers_per_scan if memory_efficient and default.memory_efficient else 0)
+
+
+# Compile options, per backend, for programs that run once, such as initializing a model's variables. At its
+# default LLVM optimization level XLA:CPU spends seconds on each parameter shape's random-number kernels; level 1
+# is the lowest that gives the same values, and compiles them many times faster (docs/performance.md, "Compile
+# time of the initialization"). Other backends were not measured and keep their defaults.
+_RUN_ONCE_OPTIONS = {'cpu': {'xla_backend_optimization_level': 1}}
+
+
+def run_once(function: Callable, *args: Any) -> Any:
+  """`function(*args)` for a `jax.jit`-wrapped function that runs once: compiled with the options of
+  `_RUN_ONCE_OPTIONS` for the backend JAX computes on (compile time matters there, not speed)."""
+  options = _RUN_ONCE_OPTIONS.get(jax.default_backend())
+  return function.lower(*args).compile(compiler_options=options)(*args)
 
 
 def resolve(name: str | None) -> Kernels:

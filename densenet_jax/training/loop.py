@@ -25,6 +25,7 @@ from densenet_jax import cloud
 from densenet_jax import model as model_lib
 from densenet_jax import storage
 from densenet_jax.data import pipeline
+from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
@@ -162,10 +163,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx), init_rng
   )
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  state = jax.jit(
+  state = kernel_sets.run_once(jax.jit(
       functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx),
       out_shardings=state_sharding,
-  )(init_rng)
+  ), init_rng)
 
   checkpointer = checkpoints.Checkpointer(
       f'{workdir}/{workdir_lib.CHECKPOINTS_DIR}', keep=config.keep_checkpoints
