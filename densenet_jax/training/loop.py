@@ -159,14 +159,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   learning_rate_fn, tx = optim.from_config(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   replicated = parallel.replicated(mesh)
-  abstract_state = jax.eval_shape(
-      functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx), init_rng
-  )
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  # One sharding for every leaf; traced once, not once more by jax.eval_shape for a per-leaf tree.
   state = kernel_sets.run_once(jax.jit(
       functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx),
-      out_shardings=state_sharding,
+      out_shardings=replicated,
   ), init_rng)
+  state_sharding = jax.tree.map(lambda _: replicated, state)
 
   checkpointer = checkpoints.Checkpointer(
       f'{workdir}/{workdir_lib.CHECKPOINTS_DIR}', keep=config.keep_checkpoints
