@@ -16,8 +16,9 @@ cli.prepare_environment()
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Threefry random bits take ~20 s to compile per dropout model on a 2-core CPU; the 'rbg' generator
-# compiles in ~3 s. Dropout semantics are the same; only the stream of random bits differs.
+# JAX's default generator, threefry, compiles slowly on the CPU for every shape it draws (random inputs, the
+# initializers); the 'rbg' generator compiles in a fraction of that. Only the stream of random bits differs. Tests
+# of threefry's own bits (dropout masks, initial values) create threefry keys explicitly.
 jax.config.update('jax_default_prng_impl', 'rbg')
 
 

@@ -39,12 +39,12 @@ class LayerSpec:
   batch_norm_group_size: int | None = None  # examples per BatchNorm statistics group; None: the whole batch
 
 
-def dropout(x: Array, rate: float, key: Array | None) -> Array:
-  """Inverted dropout, as flax.linen.Dropout computes it; the identity without a key."""
+def dropout(x: Array, rate: float, key: Array | None, kernels: kernel_sets.Kernels) -> Array:
+  """Inverted dropout, as flax.linen.Dropout computes it, with `kernels`' hook on x; the identity without a key."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  keep = kernel_sets.keep_mask(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, kernels.dropout_input(x) / (1.0 - rate), jnp.zeros_like(x))
 
 
 def dropout_keys(key: Array | None) -> tuple[Array | None, Array | None]:
@@ -58,7 +58,7 @@ def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments
   y = layers.normalize_relu(x, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   kernel = params['conv1']['kernel'].astype(spec.dtype)
   conv = spec.kernels.conv1x1 if spec.bottleneck else spec.kernels.conv3x3
-  return dropout(conv(y, kernel), spec.dropout_rate, key)
+  return dropout(conv(y, kernel), spec.dropout_rate, key, spec.kernels)
 
 
 def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | None, key: Array | None):
@@ -70,7 +70,7 @@ def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | 
   norm = params['norm2']
   y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   new = spec.kernels.conv3x3(y, params['conv2']['kernel'].astype(spec.dtype))
-  return dropout(new, spec.dropout_rate, key), stats
+  return dropout(new, spec.dropout_rate, key, spec.kernels), stats
 
 
 def dense_layer(

@@ -196,14 +196,14 @@ class Transition(_Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv1x1 = kernel_sets.resolve(self.kernels).conv1x1
+    kernels = kernel_sets.resolve(self.kernels)
     kernel = self.conv_kernel('conv', 1, x.shape[-1], self.out_channels).astype(self.dtype)
     x = self.norm_relu([x], train, 'norm')
     if self.dropout_rate:
       key = self.make_rng('dropout') if train else None
-      return nn.avg_pool(dropout(conv1x1(x, kernel), self.dropout_rate, key), (2, 2), strides=(2, 2))
+      return nn.avg_pool(dropout(kernels.conv1x1(x, kernel), self.dropout_rate, key, kernels), (2, 2), strides=(2, 2))
     # A 1x1 convolution and average pooling commute: pooling first does a quarter of the work.
-    return conv1x1(nn.avg_pool(x, (2, 2), strides=(2, 2)), kernel)
+    return kernels.conv1x1(nn.avg_pool(x, (2, 2), strides=(2, 2)), kernel)
 
 
 Stem = Literal['cifar', 'imagenet']

@@ -1,10 +1,11 @@
 """How the model's convolutions and dense blocks run on each backend: the one place that chooses per backend.
 
-The model computes one function. A `Kernels` set says how four of its operations are written for the compiler:
+The model computes one function. A `Kernels` set says how five of its operations are written for the compiler:
 
 * `conv1x1`: a 1x1 stride-1 NHWC convolution (bottleneck and transition convolutions, most of DenseNet-BC's work);
 * `conv3x3`: the 3x3 stride-1 convolution padded by 1 of every dense layer;
 * `new_feature`: the identity on each new feature map of a dense block (a hook for its gradient);
+* `dropout_input`: the identity on the input of each dropout (a hook for its gradient);
 * `stem_pool`: the ImageNet stem's 3x3 stride-2 max pooling padded by 1.
 
 `XLA` writes them as XLA's own operations. `CPU` writes them in the forms that XLA:CPU compiles faster code for:
@@ -26,6 +27,8 @@ time. `DenseNet(memory_efficient=None, layers_per_scan=None)` takes the backend'
 (`resolve_block_form`): on the CPU, per CPU family, the fastest form measured there; elsewhere layers written
 out, which GPUs and TPUs were not measured against.
 
+`keep_mask` draws dropout's masks, the same bits on every backend, with the code that is fastest on the backend.
+
 `run_once` compiles a program that runs once, such as the variables' initialization, with the backend's options
 for such code: there compile time matters, not speed.
 """
@@ -40,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from densenet_jax import cpu_family
+from densenet_jax.model import dropout_masks
 
 Array = jax.Array
 Conv = Callable[[Array, Array], Array]  # (NHWC input, HWIO kernel) -> NHWC output
@@ -56,6 +60,7 @@ class Kernels:
   conv1x1: Conv
   conv3x3: Conv
   new_feature: Callable[[Array], Array]
+  dropout_input: Callable[[Array], Array]
   stem_pool: Callable[[Array], Array]
 
 
@@ -202,9 +207,9 @@ def _identity(x: Array) -> Array:
 
 
 XLA = Kernels('xla', conv1x1=_xla_conv(((0, 0), (0, 0))), conv3x3=_same_conv3x3, new_feature=_identity,
-              stem_pool=_max_pool)
+              dropout_input=_identity, stem_pool=_max_pool)
 CPU = Kernels('cpu', conv1x1=matmul_conv1x1, conv3x3=nhwc_conv3x3, new_feature=gradient_barrier,
-              stem_pool=elementwise_max_pool)
+              dropout_input=gradient_barrier, stem_pool=elementwise_max_pool)
 KERNELS = {kernels.name: kernels for kernels in (XLA, CPU)}
 
 
@@ -273,6 +278,19 @@ def run_once(function: Callable, *args: Any) -> Any:
   `_RUN_ONCE_OPTIONS` for the backend JAX computes on (compile time matters there, not speed)."""
   options = _RUN_ONCE_OPTIONS.get(jax.default_backend())
   return function.lower(*args).compile(compiler_options=options)(*args)
+
+
+# How dropout draws its keep masks, per backend. JAX lowers threefry on the CPU as a loop of passes over each mask,
+# compiled again at every dropout site; the same masks written out as one kernel run and compile many times faster
+# there (docs/performance.md, "Dropout"). Other backends were not measured and keep JAX's own.
+_KEEP_MASKS = {'cpu': dropout_masks.threefry_keep_mask}
+
+
+def keep_mask(key: Array, keep_probability: float, shape: tuple[int, ...]) -> Array:
+  """Dropout's keep mask: `jax.random.bernoulli(key, keep_probability, shape)`, the same bits on every backend,
+  drawn by the code chosen in `_KEEP_MASKS` for the backend JAX computes on."""
+  draw = _KEEP_MASKS.get(jax.default_backend(), dropout_masks.jax_keep_mask)
+  return draw(key, keep_probability, shape)
 
 
 def resolve(name: str | None) -> Kernels:
