@@ -249,13 +249,13 @@ def run(args: argparse.Namespace) -> dict:
   model = model_lib.create_model(
       args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
       dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan,
-      kernels=args.kernels,
+      kernels=args.kernels, dropout_rate=args.dropout_rate,
   )
   size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
   form = model.block_form()
   check_reference_form(args.reference, form)
-  result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype,
+  result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype, dropout_rate=args.dropout_rate,
                 memory_efficient=form.memory_efficient, layers_per_scan=form.layers_per_scan, **common.environment())
   runner = JaxRunner(model, args.batch, size)
   result.update(runner.facts())
@@ -339,6 +339,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
   parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--dropout_rate', type=float, default=0.0,
+                      help="the paper's 0.2 for the datasets without augmentation (C10, C100, SVHN); both sides")
   common.add_block_form_arguments(parser)
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)

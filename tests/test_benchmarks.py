@@ -104,7 +104,7 @@ bench.TorchRunner = CapturingRunner
 try:
   bench.run(bench.parse_args(['--model', 'tiny', '--batch', '2', '--image_size', '8', '--memory_efficient',
                               '--torch_threads', '1', '--sweep_rounds', '1', '--sweep_steps', '1',
-                              '--load_probe_seconds', '0.1', '--reference', sys.argv[1]]))
+                              '--load_probe_seconds', '0.1', '--dropout_rate', '0.2', '--reference', sys.argv[1]]))
 except Built as built:
   runner = built.args[0]
 layers = [m for name, m in runner.eager.named_modules() if name.endswith('norm1')]
@@ -112,7 +112,8 @@ calls = []
 for layer in layers:
   layer.register_forward_hook(lambda *_: calls.append(1))
 runner.train()
-print(json.dumps(dict(layers=len(layers), norm1_calls=len(calls), checkpointing=runner.checkpointing())))
+dropout = sorted({m.dropout_rate for m in runner.eager.modules() if hasattr(m, 'dropout_rate')})
+print(json.dumps(dict(layers=len(layers), norm1_calls=len(calls), checkpointing=runner.checkpointing(), dropout=dropout)))
 """
 
 
@@ -127,6 +128,7 @@ def test_the_pytorch_reference_recomputes_nothing_unless_asked_by_name(reference
   assert counts['layers'] == 6  # Three blocks of two bottleneck layers.
   assert counts['norm1_calls'] == forward_passes * counts['layers']
   assert counts['checkpointing'] == (forward_passes == 2)
+  assert counts['dropout'] == [0.2]  # --dropout_rate reaches the reference's dense layers
 
 
 def test_bench_measures_memory_efficient_against_the_plain_model():
