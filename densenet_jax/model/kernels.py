@@ -27,7 +27,8 @@ time. `DenseNet(memory_efficient=None, layers_per_scan=None)` takes the backend'
 (`resolve_block_form`): on the CPU, per CPU family, the fastest form measured there; elsewhere layers written
 out, which GPUs and TPUs were not measured against.
 
-`keep_mask` draws dropout's masks, the same bits on every backend, with the code that is fastest on the backend.
+`keep_mask` draws dropout's masks, the same bits on every backend: on the CPU with the faster code measured there,
+elsewhere with JAX's own.
 
 `run_once` compiles a program that runs once, such as the variables' initialization, with the backend's options
 for such code: there compile time matters, not speed.
