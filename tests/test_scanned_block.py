@@ -68,9 +68,31 @@ def test_scanned_blocks_compute_the_unrolled_model(bottleneck, layers_per_scan):
 
 
 @pytest.mark.parametrize('bottleneck', [True, False])
+def test_scanned_blocks_drop_what_the_unrolled_model_drops(bottleneck):
+  # Every layer draws its masks from its own key, split from one block key in both forms: the same units dropped.
+  unrolled = tiny_model(bottleneck, dropout_rate=0.3)
+  scanned = unrolled.clone(layers_per_scan=2)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  variables = randomized(model_lib.init_variables(unrolled, jax.random.key(1), x), seed=2)
+
+  def logits_and_grads(model, rate):
+    def loss(params):
+      logits, _ = model.clone(dropout_rate=rate).apply(
+          {**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.key(3, impl='threefry2x32')})
+      return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+
+  expected, got = logits_and_grads(unrolled, 0.3), logits_and_grads(scanned, 0.3)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  assert not np.allclose(expected[0][1], logits_and_grads(unrolled, 0.0)[0][1], atol=1e-3)  # dropout is on
+
+
+@pytest.mark.parametrize('bottleneck', [True, False])
 def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
-  # With dropout: the masks of a scanned block are its own, so the check is against JAX's own
-  # differentiation of the scanned forward pass (same masks), not against the unrolled block.
+  # With dropout, against JAX's own differentiation of the same scanned forward pass.
   layer = dense_layer.LayerSpec(growth_rate=3, bottleneck=bottleneck, dropout_rate=0.3, dtype=jnp.float32,
                                 kernels=kernels.resolve(None))
   spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, layers_per_scan=2, layer=layer)
