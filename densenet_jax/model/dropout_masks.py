@@ -56,9 +56,9 @@ def threefry_keep_mask(key: Array, keep_probability: float, shape: Sequence[int]
   """
   shape = tuple(shape)
   size = math.prod(shape)
-  if not (_is_threefry(key) and jax.config.jax_threefry_partitionable and size < 2**32):
+  key_words = _threefry_key_words(key)
+  if key_words is None or not jax.config.jax_threefry_partitionable or size >= 2**32:
     return jax_keep_mask(key, keep_probability, shape)
-  key_words = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   # JAX's counter for each value is its row-major index as a 64-bit integer: (high word, low word).
   index = jax.lax.iota(np.uint32, size).reshape(shape)
   word0, word1 = _threefry2x32((key_words[0], key_words[1]), (jnp.zeros_like(index), index))
@@ -68,8 +68,11 @@ def threefry_keep_mask(key: Array, keep_probability: float, shape: Sequence[int]
   return uniform < np.float32(keep_probability)
 
 
-def _is_threefry(key: Array) -> bool:
-  """Whether `key` is one Threefry-2x32 key: typed, or raw uint32[2] under JAX's default implementation."""
+def _threefry_key_words(key: Array) -> Array | None:
+  """The two uint32 words of one Threefry-2x32 key (typed, or raw uint32[2] under JAX's default implementation);
+  None for any other key."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key.shape == () and str(jax.random.key_impl(key)) == 'threefry2x32'
-  return key.shape == (2,) and key.dtype == np.uint32 and jax.config.jax_default_prng_impl == 'threefry2x32'
+    is_threefry = key.shape == () and str(jax.random.key_impl(key)) == 'threefry2x32'
+    return jax.random.key_data(key) if is_threefry else None
+  is_threefry = key.shape == (2,) and key.dtype == np.uint32 and jax.config.jax_default_prng_impl == 'threefry2x32'
+  return key if is_threefry else None
