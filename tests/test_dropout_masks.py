@@ -36,6 +36,18 @@ def test_the_written_out_masks_under_scan_and_from_split_keys():
   assert not np.array_equal(*masks(dropout_masks.threefry_keep_mask)[:2])  # each layer its own mask
 
 
+@pytest.mark.parametrize('shape', [(4, 8, 8, 48), (3, 5, 7, 11), (5,), (2, 3, 1)])
+def test_packed_masks_are_numpy_packbits_and_unpack_to_the_mask(shape):
+  # What the scanned dense block keeps of each mask for its backward pass: eight values to a byte.
+  mask = np.asarray(jax.random.bernoulli(jax.random.key(0), 0.6, shape))
+  packed = jax.jit(dropout_masks.pack)(mask)
+  assert packed.dtype == np.uint8
+  np.testing.assert_array_equal(packed, np.packbits(mask.reshape(-1), bitorder='little'))
+  unpacked = jax.jit(dropout_masks.unpack, static_argnums=1)(packed, shape)
+  assert unpacked.dtype == bool
+  np.testing.assert_array_equal(unpacked, mask)
+
+
 def test_raw_keys_and_other_generators_get_jax_own_masks():
   shape = (3, 4, 5)
   with jax.default_prng_impl(THREEFRY):

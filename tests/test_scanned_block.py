@@ -122,6 +122,32 @@ def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
                          scanned_block.train(no_dropout, x, params, [None] * spec.num_layers)[0])
 
 
+@pytest.mark.parametrize('bottleneck', [True, False])
+def test_the_backward_pass_reads_the_masks_the_forward_pass_drew(bottleneck, monkeypatch):
+  drawn = []
+  draw = kernels.keep_mask
+  monkeypatch.setattr(kernels, 'keep_mask', lambda key, keep, shape: drawn.append(shape) or draw(key, keep, shape))
+  layer = dense_layer.LayerSpec(growth_rate=3, bottleneck=bottleneck, dropout_rate=0.3, dtype=jnp.float32,
+                                kernels=kernels.resolve(None))
+  spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, layers_per_scan=2, layer=layer)
+  x = jnp.ones((2, 4, 4, spec.input_channels))
+  block = model_lib.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
+  params = model_lib.init_variables(block, jax.random.key(1), x, train=False)['params']
+  params = [params[f'layer{i + 1}'] for i in range(spec.num_layers)]
+  keys = list(jax.random.split(jax.random.key(4), spec.num_layers))
+
+  def loss(x, params):
+    return jnp.sum(scanned_block.train(spec, x, params, keys)[0])
+
+  jax.make_jaxpr(loss)(x, params)
+  forward = list(drawn)
+  drawn.clear()
+  jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, params)
+  # One draw per dropout and group of layers (a scan body is traced once): the backward pass adds none.
+  assert len(forward) == len(spec.groups()) * (2 if bottleneck else 1)
+  assert drawn == forward
+
+
 def test_scanned_blocks_keep_less_than_the_plain_model():
   plain = model_lib.cifar_densenet(28, 8, bottleneck=True, compression=0.5, memory_efficient=False, layers_per_scan=0)
   scanned = plain.clone(memory_efficient=True, layers_per_scan=2)

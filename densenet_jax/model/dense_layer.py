@@ -38,31 +38,51 @@ class LayerSpec:
   epsilon: float = layers.BATCH_NORM_EPSILON
   batch_norm_group_size: int | None = None  # examples per BatchNorm statistics group; None: the whole batch
 
+  @property
+  def bottom_channels(self) -> int:
+    """Channels of the first convolution's output: the bottleneck's, or the new feature map's."""
+    return BOTTLENECK_WIDTH * self.growth_rate if self.bottleneck else self.growth_rate
 
-def dropout(x: Array, rate: float, key: Array | None, kernels: kernel_sets.Kernels) -> Array:
-  """Inverted dropout, as flax.linen.Dropout computes it, with `kernels`' hook on x; the identity without a key."""
-  if key is None or rate == 0.0:
+
+def dropout(x: Array, rate: float, keep: Array | None, kernels: kernel_sets.Kernels) -> Array:
+  """Inverted dropout, as flax.linen.Dropout computes it, with keep mask `keep` and `kernels`' hook on x; the
+  identity without a mask."""
+  if keep is None:
     return x
-  keep = kernel_sets.keep_mask(key, 1.0 - rate, x.shape)
   return jnp.where(keep, kernels.dropout_input(x) / (1.0 - rate), jnp.zeros_like(x))
 
 
-def dropout_keys(key: Array | None) -> tuple[Array | None, Array | None]:
-  """A layer's dropout key split into the keys after its first and its second convolution."""
-  return (None, None) if key is None else tuple(jax.random.split(key))
+def keep_mask(key: Array | None, rate: float, shape: tuple[int, ...]) -> Array | None:
+  """The keep mask of a dropout of `rate` on an array of `shape`, drawn from `key`; None without a key."""
+  if key is None or rate == 0.0:
+    return None
+  return kernel_sets.keep_mask(key, 1.0 - rate, shape)
 
 
-def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments, key: Array | None) -> Array:
-  """BN-ReLU-conv of the layer input x: the bottleneck 1x1 conv (DenseNet-B) or the layer's 3x3 conv."""
+def layer_keep_masks(spec: LayerSpec, key: Array | None, batch_shape: tuple[int, ...]):
+  """The keep masks of a layer's dropouts after its first and its second convolution, drawn from the layer's key
+  (None without a key or a second convolution); `batch_shape` is the layer input's shape without channels."""
+  if key is None or spec.dropout_rate == 0.0:
+    return None, None
+  bottom_key, top_key = jax.random.split(key)
+  bottom = keep_mask(bottom_key, spec.dropout_rate, (*batch_shape, spec.bottom_channels))
+  top = keep_mask(top_key, spec.dropout_rate, (*batch_shape, spec.growth_rate)) if spec.bottleneck else None
+  return bottom, top
+
+
+def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments, keep: Array | None) -> Array:
+  """BN-ReLU-conv of the layer input x: the bottleneck 1x1 conv (DenseNet-B) or the layer's 3x3 conv, then dropout
+  with keep mask `keep` (None: none)."""
   norm = params['norm1']
   y = layers.normalize_relu(x, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   kernel = params['conv1']['kernel'].astype(spec.dtype)
   conv = spec.kernels.conv1x1 if spec.bottleneck else spec.kernels.conv3x3
-  return dropout(conv(y, kernel), spec.dropout_rate, key, spec.kernels)
+  return dropout(conv(y, kernel), spec.dropout_rate, keep, spec.kernels)
 
 
-def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | None, key: Array | None):
-  """BN-ReLU-conv3x3 of a bottleneck output z; (new feature map, the moments z was normalized with).
+def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | None, keep: Array | None):
+  """BN-ReLU-conv3x3 of a bottleneck output z, then dropout with keep mask `keep` (None: none); (new feature map,
+  the moments z was normalized with).
 
   `stats` None: training, normalize with z's batch moments.
   """
@@ -70,7 +90,7 @@ def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | 
   norm = params['norm2']
   y = layers.normalize_relu(z, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   new = spec.kernels.conv3x3(y, params['conv2']['kernel'].astype(spec.dtype))
-  return dropout(new, spec.dropout_rate, key, spec.kernels), stats
+  return dropout(new, spec.dropout_rate, keep, spec.kernels), stats
 
 
 def dense_layer(
@@ -82,8 +102,8 @@ def dense_layer(
   the bottleneck output (None in training: its batch moments). Returns the new feature map and the moments the
   bottleneck output was normalized with (None without a bottleneck).
   """
-  bottom_key, top_key = dropout_keys(key)
-  z = dense_layer_bottom(spec, params, x, stats, bottom_key)
+  bottom_keep, top_keep = layer_keep_masks(spec, key, x.shape[:-1])
+  z = dense_layer_bottom(spec, params, x, stats, bottom_keep)
   if not spec.bottleneck:
     return z, None
-  return dense_layer_top(spec, params, checkpoint_name(z, BOTTLENECK_OUTPUT), bottleneck_stats, top_key)
+  return dense_layer_top(spec, params, checkpoint_name(z, BOTTLENECK_OUTPUT), bottleneck_stats, top_keep)

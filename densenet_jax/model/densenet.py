@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.model import layers, scanned_block
-from densenet_jax.model.dense_layer import BOTTLENECK_OUTPUT, BOTTLENECK_WIDTH, LayerSpec, dense_layer, dropout
+from densenet_jax.model.dense_layer import BOTTLENECK_OUTPUT, BOTTLENECK_WIDTH, LayerSpec, dense_layer, dropout, keep_mask
 from densenet_jax.model.layers import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, Moments
 
 Array = jax.Array
@@ -200,8 +200,9 @@ class Transition(_Module):
     kernel = self.conv_kernel('conv', 1, x.shape[-1], self.out_channels).astype(self.dtype)
     x = self.norm_relu([x], train, 'norm')
     if self.dropout_rate:
-      key = self.make_rng('dropout') if train else None
-      return nn.avg_pool(dropout(kernels.conv1x1(x, kernel), self.dropout_rate, key, kernels), (2, 2), strides=(2, 2))
+      x = kernels.conv1x1(x, kernel)
+      keep = keep_mask(self.make_rng('dropout'), self.dropout_rate, x.shape) if train else None
+      return nn.avg_pool(dropout(x, self.dropout_rate, keep, kernels), (2, 2), strides=(2, 2))
     # A 1x1 convolution and average pooling commute: pooling first does a quarter of the work.
     return kernels.conv1x1(nn.avg_pool(x, (2, 2), strides=(2, 2)), kernel)
 

@@ -76,3 +76,17 @@ def _threefry_key_words(key: Array) -> Array | None:
     return jax.random.key_data(key) if is_threefry else None
   is_threefry = key.shape == (2,) and key.dtype == np.uint32 and jax.config.jax_default_prng_impl == 'threefry2x32'
   return key if is_threefry else None
+
+
+def pack(mask: Array) -> Array:
+  """A boolean mask as uint8 bytes of eight values each (row-major, the last byte zero-padded): what a backward
+  pass keeps of a mask instead of drawing it again."""
+  bits = mask.reshape(-1).astype(np.uint8)
+  bits = jax.lax.pad(bits, np.uint8(0), [(0, -bits.size % 8, 0)]).reshape(-1, 8)
+  return jnp.sum(bits << np.arange(8, dtype=np.uint8), axis=-1, dtype=np.uint8)
+
+
+def unpack(packed: Array, shape: Sequence[int]) -> Array:
+  """The boolean mask of `shape` that `pack` made `packed` from."""
+  bits = (packed[:, None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)
+  return jax.lax.slice_in_dim(bits.reshape(-1), 0, math.prod(shape)).reshape(tuple(shape)).astype(bool)

@@ -13,8 +13,8 @@ BatchNorm-ReLU and convolution of each layer.
 The backward pass is written by hand (`jax.custom_vjp`). A channel that a layer must not see is one
 its zero-padded parameters ignore, so the backward pass can read every layer's input from the block's
 *final* output buffer instead of keeping one buffer per layer. It keeps the output buffer, the batch
-moments, each layer's bottleneck output (the activations `memory_efficient=True` keeps) and that
-output's moments, and recomputes the rest, so activation memory grows linearly with depth. The
+moments, each layer's bottleneck output (the activations `memory_efficient=True` keeps), that output's
+moments and the layer's dropout masks (packed eight to a byte), and recomputes the rest, so activation memory grows linearly with depth. The
 gradient through the moments comes from the kept ones (`layers.moments_gradient`), not from reducing
 the feature maps again.
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.model import dense_layer, layers
+from densenet_jax.model import dense_layer, dropout_masks, layers
 from densenet_jax.model.layers import Moments
 
 Array = jax.Array
@@ -106,12 +106,18 @@ def stack_groups(spec: BlockSpec, per_layer: Sequence[Tree]) -> list[Any]:
   return stacked
 
 
+def _unpack_masks(spec: BlockSpec, masks, batch_shape) -> tuple[Array | None, Array | None]:
+  """A layer's packed dropout masks (after its first and second convolution) as boolean keep masks."""
+  shapes = ((*batch_shape, spec.layer.bottom_channels), (*batch_shape, spec.growth_rate))
+  return tuple(None if m is None else dropout_masks.unpack(m, shape) for m, shape in zip(masks, shapes))
+
+
 # ----------------------------------------------------------------------------------------------
 # The forward pass, shared by training (batch moments) and evaluation (running statistics).
 
 
 def _forward(spec, x, group_params, group_keys, group_stats):
-  """(output buffer, block moments, per group: bottleneck outputs and their moments).
+  """(output buffer, block moments, per group: (bottleneck outputs and their moments, packed dropout masks)).
 
   Training when `group_stats` is None: every layer normalizes with the batch moments of the channels it
   reads, which are computed once per channel and carried along with the buffer.
@@ -131,13 +137,16 @@ def _forward(spec, x, group_params, group_keys, group_stats):
     def body(carry, row, group_width=group_width):
       buffer, block_moments = carry
       index, params, key, stats = row
-      bottom_key, top_key = dense_layer.dropout_keys(key)
+      # Packed eight to a byte, the masks are drawn once and kept for the backward pass.
+      masks = tuple(None if m is None else dropout_masks.pack(m)
+                    for m in dense_layer.layer_keep_masks(spec.layer, key, buffer.shape[:-1]))
+      bottom_keep, top_keep = _unpack_masks(spec, masks, buffer.shape[:-1])
       norm1 = Moments(*(_prefix(m, group_width) for m in block_moments)) if train else Moments(**stats['norm1'])
-      z = dense_layer.dense_layer_bottom(spec.layer, params, _prefix(buffer, group_width), norm1, bottom_key)
+      z = dense_layer.dense_layer_bottom(spec.layer, params, _prefix(buffer, group_width), norm1, bottom_keep)
       new, z_moments = z, None
       if spec.layer.bottleneck:
         norm2 = None if train else Moments(**stats['norm2'])
-        new, z_moments = dense_layer.dense_layer_top(spec.layer, params, z, norm2, top_key)
+        new, z_moments = dense_layer.dense_layer_top(spec.layer, params, z, norm2, top_keep)
       position = spec.input_width(index)
       buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), position, axis=-1)
       if train:
@@ -145,8 +154,8 @@ def _forward(spec, x, group_params, group_keys, group_stats):
             jax.lax.dynamic_update_slice_in_dim(m, new_m, position, axis=-1)
             for m, new_m in zip(block_moments, layers.moments(new, spec.layer.batch_norm_group_size))
         ))
-      keep = (z, z_moments) if train and spec.layer.bottleneck else None
-      return (buffer, block_moments), keep
+      bottleneck = (z, z_moments) if train and spec.layer.bottleneck else None
+      return (buffer, block_moments), (bottleneck, masks)
 
     rows = (jnp.arange(group.start, group.stop), params, keys, stats)
     (buffer, carry_moments), keep = jax.lax.scan(body, (buffer, carry_moments), rows)
@@ -165,13 +174,14 @@ def _train(spec: BlockSpec, x: Array, group_params: list[Any], group_keys: list[
 
 def _train_forward(spec, x, group_params, group_keys):
   buffer, block_moments, saved = _forward(spec, x, group_params, group_keys, None)
-  bottlenecks, bottleneck_moments = zip(*[(None, None) if keep is None else keep for keep in saved])
-  residuals = (x, buffer, block_moments, group_params, group_keys, list(bottlenecks), list(bottleneck_moments))
+  bottlenecks, bottleneck_moments = zip(*[(None, None) if kept is None else kept for kept, _ in saved])
+  group_masks = [masks for _, masks in saved]
+  residuals = (x, buffer, block_moments, group_params, group_masks, list(bottlenecks), list(bottleneck_moments))
   return (buffer, (block_moments, list(bottleneck_moments))), residuals
 
 
 def _train_backward(spec, residuals, cotangents):
-  x, buffer, block_moments, group_params, group_keys, bottlenecks, bottleneck_moments = residuals
+  x, buffer, block_moments, group_params, group_masks, bottlenecks, bottleneck_moments = residuals
   d_buffer = cotangents[0]  # The moments are statistics for the running averages: not differentiated.
   d_moments = Moments(*(jnp.zeros_like(m) for m in block_moments))
   growth = spec.growth_rate
@@ -179,16 +189,16 @@ def _train_backward(spec, residuals, cotangents):
   moments_gradient = functools.partial(layers.moments_gradient, group_size=spec.layer.batch_norm_group_size)
 
   d_group_params = []
-  groups = zip(spec.groups(), group_params, group_keys, bottlenecks, bottleneck_moments)
-  for group, params, keys, z, z_moments in reversed(list(groups)):
+  groups = zip(spec.groups(), group_params, group_masks, bottlenecks, bottleneck_moments)
+  for group, params, masks, z, z_moments in reversed(list(groups)):
     group_width = spec.input_width(group[-1])
     inputs = _prefix(buffer, group_width)
     norm1 = Moments(*(_prefix(m, group_width) for m in block_moments))
 
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
-      index, params, key, z, z_moments = row
-      bottom_key, top_key = dense_layer.dropout_keys(key)
+      index, params, masks, z, z_moments = row
+      bottom_keep, top_keep = _unpack_masks(spec, masks, inputs.shape[:-1])
       position = spec.input_width(index)
       new = jax.lax.dynamic_slice_in_dim(buffer, position, growth, axis=-1)
       # Every later layer has added its share of this layer's output gradient; add the share that
@@ -200,11 +210,11 @@ def _train_backward(spec, residuals, cotangents):
       d_new = d_new + moments_gradient(new, new_moments, d_new_moments)
 
       def bottom(inputs, norm1, params):
-        return dense_layer.dense_layer_bottom(spec.layer, params, inputs, norm1, bottom_key)
+        return dense_layer.dense_layer_bottom(spec.layer, params, inputs, norm1, bottom_keep)
 
       if spec.layer.bottleneck:
         def top(z, z_moments, params):
-          return dense_layer.dense_layer_top(spec.layer, params, z, z_moments, top_key)[0]
+          return dense_layer.dense_layer_top(spec.layer, params, z, z_moments, top_keep)[0]
 
         _, top_vjp = jax.vjp(top, z, z_moments, params)
         d_z, d_z_moments, d_params_top = top_vjp(d_new)
@@ -219,14 +229,14 @@ def _train_backward(spec, residuals, cotangents):
       d_moments = Moments(*(d.at[..., :group_width].add(dn) for d, dn in zip(d_moments, d_norm1)))
       return (d_buffer, d_moments), d_params
 
-    rows = (jnp.arange(group.start, group.stop), params, keys, z, z_moments)
+    rows = (jnp.arange(group.start, group.stop), params, masks, z, z_moments)
     (d_buffer, d_moments), d_params = jax.lax.scan(body, (d_buffer, d_moments), rows, reverse=True)
     d_group_params.append(d_params)
 
   c0 = spec.input_channels
   x_moments, d_x_moments = (Moments(*(_prefix(m, c0) for m in ms)) for ms in (block_moments, d_moments))
   d_x = _prefix(d_buffer, c0) + moments_gradient(x, x_moments, d_x_moments)
-  return d_x.astype(x.dtype), d_group_params[::-1], jax.tree.map(lambda _: None, group_keys)
+  return d_x.astype(x.dtype), d_group_params[::-1], [None] * len(group_masks)  # keys: no gradient
 
 
 _train.defvjp(_train_forward, _train_backward)
