@@ -16,7 +16,7 @@ import pytest
 from densenet_jax import memory
 from densenet_jax import model as model_lib
 from densenet_jax import xla_flags
-from densenet_jax.model import kernels
+from densenet_jax.model import dropout_masks, kernels
 from densenet_jax.summary import count_params, summarize
 
 # Exact counts of ../shared/paper.md (1000 classes for ImageNet models, 10 for CIFAR models).
@@ -231,6 +231,35 @@ def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem(monkeypatc
                                      rngs={'dropout': jax.random.key(0)}))
   num_layers = sum(model.block_sizes)
   assert len(sites) == 2 * num_layers + (len(model.block_sizes) - 1)
+
+  # A backward pass that recomputes each layer (memory_efficient) reads the forward pass's masks: drawing them with
+  # JAX's own code (one random_bits each), the gradient's program draws each mask once in every form.
+  monkeypatch.setattr(kernels, 'keep_mask', dropout_masks.jax_keep_mask)
+
+  def loss(params, model):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.key(0)})
+    return jnp.sum(logits)
+
+  for form in (dict(memory_efficient=False), dict(memory_efficient=True), dict(memory_efficient=True, layers_per_scan=2)):
+    gradient = jax.make_jaxpr(jax.grad(functools.partial(loss, model=model.clone(**form))))(variables['params'])
+    # A scan body is one program for its group of layers: the scanned form draws once per group.
+    groups = [math.ceil(n / form.get('layers_per_scan', 1)) for n in model.block_sizes]
+    expected = 2 * sum(groups) + len(model.block_sizes) - 1
+    assert _count_primitive(gradient.jaxpr, 'random_bits') == expected, form
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """How many equations of `jaxpr` and of the programs nested in it apply the primitive `name`."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's jaxpr
+        if hasattr(sub, 'eqns'):
+          count += _count_primitive(sub, name)
+  return count
 
 
 def _loss_and_grads(model, variables, x, labels, rng=None):

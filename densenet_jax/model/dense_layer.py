@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from densenet_jax.model import dropout_masks
 from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.model import layers
 from densenet_jax.model.layers import Moments
@@ -24,6 +25,7 @@ Params = Mapping[str, Any]
 
 BOTTLENECK_WIDTH = 4  # The bottleneck 1x1 conv produces 4 * growth_rate channels.
 BOTTLENECK_OUTPUT = 'dense_layer_bottleneck_output'  # what memory_efficient keeps of each layer
+DROPOUT_MASK = 'dense_layer_dropout_mask'  # and its packed dropout masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +46,30 @@ class LayerSpec:
     return BOTTLENECK_WIDTH * self.growth_rate if self.bottleneck else self.growth_rate
 
 
-def dropout(x: Array, rate: float, keep: Array | None, kernels: kernel_sets.Kernels) -> Array:
-  """Inverted dropout, as flax.linen.Dropout computes it, with keep mask `keep` and `kernels`' hook on x; the
-  identity without a mask."""
-  if keep is None:
+def dropout(x: Array, rate: float, mask: Array | None, kernels: kernel_sets.Kernels) -> Array:
+  """Inverted dropout, as flax.linen.Dropout computes it, with the packed keep mask `mask` (`keep_mask`) and
+  `kernels`' hook on x; the identity without a mask."""
+  if mask is None:
     return x
+  keep = dropout_masks.unpack(mask, x.shape)
   return jnp.where(keep, kernels.dropout_input(x) / (1.0 - rate), jnp.zeros_like(x))
 
 
 def keep_mask(key: Array | None, rate: float, shape: tuple[int, ...]) -> Array | None:
-  """The keep mask of a dropout of `rate` on an array of `shape`, drawn from `key`; None without a key."""
+  """The keep mask of a dropout of `rate` on an array of `shape`, drawn from `key` and packed eight values to a
+  byte (`dropout_masks.pack`); None without a key.
+
+  Packed, a mask is drawn once, by the kernel that packs it: XLA fuses a mask's elementwise code into each of its
+  consumers, so a mask used in the forward and the backward pass would otherwise be drawn in both. A backward
+  pass that recomputes a layer reads the packed mask instead of drawing it again (`DROPOUT_MASK`).
+  """
   if key is None or rate == 0.0:
     return None
-  return kernel_sets.keep_mask(key, 1.0 - rate, shape)
+  return checkpoint_name(dropout_masks.pack(kernel_sets.keep_mask(key, 1.0 - rate, shape)), DROPOUT_MASK)
 
 
 def layer_keep_masks(spec: LayerSpec, key: Array | None, batch_shape: tuple[int, ...]):
-  """The keep masks of a layer's dropouts after its first and its second convolution, drawn from the layer's key
+  """The packed keep masks of a layer's dropouts after its first and its second convolution, drawn from the layer's key
   (None without a key or a second convolution); `batch_shape` is the layer input's shape without channels."""
   if key is None or spec.dropout_rate == 0.0:
     return None, None
@@ -72,7 +81,7 @@ def layer_keep_masks(spec: LayerSpec, key: Array | None, batch_shape: tuple[int,
 
 def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments, keep: Array | None) -> Array:
   """BN-ReLU-conv of the layer input x: the bottleneck 1x1 conv (DenseNet-B) or the layer's 3x3 conv, then dropout
-  with keep mask `keep` (None: none)."""
+  with the packed keep mask `keep` (None: none)."""
   norm = params['norm1']
   y = layers.normalize_relu(x, stats, norm['scale'], norm['bias'], spec.epsilon, spec.dtype)
   kernel = params['conv1']['kernel'].astype(spec.dtype)
@@ -81,7 +90,7 @@ def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments
 
 
 def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | None, keep: Array | None):
-  """BN-ReLU-conv3x3 of a bottleneck output z, then dropout with keep mask `keep` (None: none); (new feature map,
+  """BN-ReLU-conv3x3 of a bottleneck output z, then dropout with the packed keep mask `keep` (None: none); (new feature map,
   the moments z was normalized with).
 
   `stats` None: training, normalize with z's batch moments.

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.model import layers, scanned_block
-from densenet_jax.model.dense_layer import BOTTLENECK_OUTPUT, BOTTLENECK_WIDTH, LayerSpec, dense_layer, dropout, keep_mask
+from densenet_jax.model.dense_layer import (BOTTLENECK_OUTPUT, BOTTLENECK_WIDTH, DROPOUT_MASK, LayerSpec, dense_layer,
+                                           dropout, keep_mask)
 from densenet_jax.model.layers import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, Moments
 
 Array = jax.Array
@@ -115,9 +116,11 @@ class DenseLayer(_Module):
       return dense_layer(spec, params, x, stats, bottleneck_stats, key)
 
     if self.memory_efficient:
-      # Keep only the bottleneck output for the backward pass and recompute the normalized concatenation from
-      # the layer inputs (which the block keeps alive anyway): linear instead of quadratic memory.
-      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT))
+      # Keep only the bottleneck output (and the packed dropout masks) for the backward pass and recompute the
+      # normalized concatenation from the layer inputs (which the block keeps alive anyway): linear instead of
+      # quadratic memory.
+      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT,
+                                                                                          DROPOUT_MASK))
     new, used_bottleneck_stats = layer(params, tuple(features), stats, bottleneck_stats, key)
     if train and spec.bottleneck:
       norm2.update(jax.tree.map(jax.lax.stop_gradient, used_bottleneck_stats), count)

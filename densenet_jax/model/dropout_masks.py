@@ -1,4 +1,4 @@
-"""Dropout's keep masks: `jax.random.bernoulli`, and the same masks as one elementwise kernel.
+"""Dropout's keep masks: `jax.random.bernoulli`, the same masks as one elementwise kernel, and masks packed.
 
 JAX draws random bits with the Threefry-2x32 hash (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011): 20 rounds of add, rotate and xor of a 64-bit counter under a 64-bit key. On the CPU, JAX lowers those
@@ -7,7 +7,8 @@ compiles each call's loop again: dropout then costs a large part of a CIFAR trai
 dropout site (docs/performance.md, "Dropout"). `threefry_keep_mask` writes the same rounds out, so that XLA fuses
 them into one kernel with the mask's consumer; it reproduces JAX's counters and its bits-to-float conversion, so
 its masks are `jax.random.bernoulli`'s bit for bit (tests/test_dropout_masks.py). Which of the two a backend uses
-is chosen in densenet_jax/model/kernels.py.
+is chosen in densenet_jax/model/kernels.py. `pack` and `unpack` store a mask in a bit per value, for a backward
+pass that reads a mask instead of drawing it again (densenet_jax/model/scanned_block.py).
 """
 
 from __future__ import annotations

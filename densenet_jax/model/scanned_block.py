@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.model import dense_layer, dropout_masks, layers
+from densenet_jax.model import dense_layer, layers
 from densenet_jax.model.layers import Moments
 
 Array = jax.Array
@@ -106,12 +106,6 @@ def stack_groups(spec: BlockSpec, per_layer: Sequence[Tree]) -> list[Any]:
   return stacked
 
 
-def _unpack_masks(spec: BlockSpec, masks, batch_shape) -> tuple[Array | None, Array | None]:
-  """A layer's packed dropout masks (after its first and second convolution) as boolean keep masks."""
-  shapes = ((*batch_shape, spec.layer.bottom_channels), (*batch_shape, spec.growth_rate))
-  return tuple(None if m is None else dropout_masks.unpack(m, shape) for m, shape in zip(masks, shapes))
-
-
 # ----------------------------------------------------------------------------------------------
 # The forward pass, shared by training (batch moments) and evaluation (running statistics).
 
@@ -137,10 +131,8 @@ def _forward(spec, x, group_params, group_keys, group_stats):
     def body(carry, row, group_width=group_width):
       buffer, block_moments = carry
       index, params, key, stats = row
-      # Packed eight to a byte, the masks are drawn once and kept for the backward pass.
-      masks = tuple(None if m is None else dropout_masks.pack(m)
-                    for m in dense_layer.layer_keep_masks(spec.layer, key, buffer.shape[:-1]))
-      bottom_keep, top_keep = _unpack_masks(spec, masks, buffer.shape[:-1])
+      masks = dense_layer.layer_keep_masks(spec.layer, key, buffer.shape[:-1])  # packed: kept for the backward pass
+      bottom_keep, top_keep = masks
       norm1 = Moments(*(_prefix(m, group_width) for m in block_moments)) if train else Moments(**stats['norm1'])
       z = dense_layer.dense_layer_bottom(spec.layer, params, _prefix(buffer, group_width), norm1, bottom_keep)
       new, z_moments = z, None
@@ -197,8 +189,7 @@ def _train_backward(spec, residuals, cotangents):
 
     def body(carry, row, inputs=inputs, norm1=norm1, group_width=group_width):
       d_buffer, d_moments = carry
-      index, params, masks, z, z_moments = row
-      bottom_keep, top_keep = _unpack_masks(spec, masks, inputs.shape[:-1])
+      index, params, (bottom_keep, top_keep), z, z_moments = row
       position = spec.input_width(index)
       new = jax.lax.dynamic_slice_in_dim(buffer, position, growth, axis=-1)
       # Every later layer has added its share of this layer's output gradient; add the share that
