@@ -241,7 +241,8 @@ def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem(monkeypatc
                             rngs={'dropout': jax.random.key(0)})
     return jnp.sum(logits)
 
-  for form in (dict(memory_efficient=False), dict(memory_efficient=True), dict(memory_efficient=True, layers_per_scan=2)):
+  forms = (dict(memory_efficient=False), dict(memory_efficient=True), dict(memory_efficient=True, layers_per_scan=2))
+  for form in forms:
     gradient = jax.make_jaxpr(jax.grad(functools.partial(loss, model=model.clone(**form))))(variables['params'])
     # A scan body is one program for its group of layers: the scanned form draws once per group.
     groups = [math.ceil(n / form.get('layers_per_scan', 1)) for n in model.block_sizes]

@@ -69,8 +69,9 @@ def keep_mask(key: Array | None, rate: float, shape: tuple[int, ...]) -> Array |
 
 
 def layer_keep_masks(spec: LayerSpec, key: Array | None, batch_shape: tuple[int, ...]):
-  """The packed keep masks of a layer's dropouts after its first and its second convolution, drawn from the layer's key
-  (None without a key or a second convolution); `batch_shape` is the layer input's shape without channels."""
+  """The packed keep masks of a layer's dropouts after its first and its second convolution, drawn from the
+  layer's key (None without a key or a second convolution); `batch_shape`: the layer input's shape without
+  channels."""
   if key is None or spec.dropout_rate == 0.0:
     return None, None
   bottom_key, top_key = jax.random.split(key)
@@ -90,8 +91,8 @@ def dense_layer_bottom(spec: LayerSpec, params: Params, x: Array, stats: Moments
 
 
 def dense_layer_top(spec: LayerSpec, params: Params, z: Array, stats: Moments | None, keep: Array | None):
-  """BN-ReLU-conv3x3 of a bottleneck output z, then dropout with the packed keep mask `keep` (None: none); (new feature map,
-  the moments z was normalized with).
+  """BN-ReLU-conv3x3 of a bottleneck output z, then dropout with the packed keep mask `keep` (None: none);
+  (new feature map, the moments z was normalized with).
 
   `stats` None: training, normalize with z's batch moments.
   """

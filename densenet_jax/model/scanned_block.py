@@ -14,9 +14,9 @@ The backward pass is written by hand (`jax.custom_vjp`). A channel that a layer 
 its zero-padded parameters ignore, so the backward pass can read every layer's input from the block's
 *final* output buffer instead of keeping one buffer per layer. It keeps the output buffer, the batch
 moments, each layer's bottleneck output (the activations `memory_efficient=True` keeps), that output's
-moments and the layer's dropout masks (packed eight to a byte), and recomputes the rest, so activation memory grows linearly with depth. The
-gradient through the moments comes from the kept ones (`layers.moments_gradient`), not from reducing
-the feature maps again.
+moments and the layer's dropout masks (packed eight to a byte), and recomputes the rest, so activation
+memory grows linearly with depth. The gradient through the moments comes from the kept ones
+(`layers.moments_gradient`), not from reducing the feature maps again.
 
 In training mode the BatchNorm statistics of a channel are computed once, when the channel is written
 (as in the unrolled block); they are returned for the running averages and are not differentiated.
@@ -131,7 +131,7 @@ def _forward(spec, x, group_params, group_keys, group_stats):
     def body(carry, row, group_width=group_width):
       buffer, block_moments = carry
       index, params, key, stats = row
-      masks = dense_layer.layer_keep_masks(spec.layer, key, buffer.shape[:-1])  # packed: kept for the backward pass
+      masks = dense_layer.layer_keep_masks(spec.layer, key, buffer.shape[:-1])  # kept for the backward pass
       bottom_keep, top_keep = masks
       norm1 = Moments(*(_prefix(m, group_width) for m in block_moments)) if train else Moments(**stats['norm1'])
       z = dense_layer.dense_layer_bottom(spec.layer, params, _prefix(buffer, group_width), norm1, bottom_keep)
