@@ -76,9 +76,10 @@ def show_only_own_info_logs() -> None:
 
 
 def _reported_disk_full(record: python_logging.LogRecord) -> bool:
-  """An error that orbax logs, with its traceback, from its writer threads when the disk is full: the main thread
-  gets the same error and the run reports it in one paragraph (FAILURES)."""
-  if f'{os.sep}orbax{os.sep}' not in record.pathname:
+  """An error that orbax logs, with its traceback, from its writer threads when the disk is full, or that asyncio
+  logs for orbax's write tasks that nobody awaits once the save has failed: the main thread gets the same error and
+  the run reports it in one paragraph (FAILURES)."""
+  if f'{os.sep}orbax{os.sep}' not in record.pathname and record.name != 'asyncio':
     return False
   error = record.exc_info[1] if record.exc_info else None
   return ((error is not None and checkpoints.is_disk_full(error))

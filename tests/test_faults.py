@@ -216,6 +216,32 @@ def test_write_errors_of_tensorstore_are_recognized_and_orbax_copies_of_a_full_d
                                             RuntimeError('another failure')))
   assert not cli._reported_disk_full(record('/somewhere/else.py', str(full)))
 
+  # asyncio's own report of a write task whose error nobody retrieved (orbax leaves them when a save fails).
+  def unretrieved_task_record(error):
+    import asyncio
+    import gc
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger('asyncio').addHandler(handler)
+    try:
+      async def write():
+        raise error
+
+      loop = asyncio.new_event_loop()
+      task = loop.create_task(write())
+      loop.run_until_complete(asyncio.sleep(0))
+      loop.close()
+      del task
+      gc.collect()
+    finally:
+      logging.getLogger('asyncio').removeHandler(handler)
+    assert [r.getMessage().splitlines()[0] for r in records] == ['Task exception was never retrieved']
+    return records[0]
+
+  assert cli._reported_disk_full(unretrieved_task_record(full))
+  assert not cli._reported_disk_full(unretrieved_task_record(ValueError('another failure')))
+
 
 def test_late_wake_ups_of_a_closed_event_loop_are_not_printed():
   import asyncio
