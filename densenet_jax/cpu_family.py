@@ -82,6 +82,11 @@ MEASURED = {
         evidence='2-core AMD EPYC VM, jax 0.12: the CPU kernel set over XLA kernels, Eigen convolutions over '
                  'YNNPACK ones, memory-efficient blocks scanned 4 layers at a time over every other form measured '
                  '(docs/performance.md, "Per CPU family")'),
+    AMD_AVX512: CpuDefaults(
+        kernels='cpu', convolutions_on_eigen=False, memory_efficient=True, layers_per_scan=4,
+        evidence='2-core AMD EPYC VM (Zen 5, AVX-512), jax 0.12: the CPU kernel set over XLA kernels, '
+                 'memory-efficient blocks scanned 4 layers at a time over the plain form; Eigen convolutions '
+                 'no win (docs/performance.md, "Per CPU family")'),
     INTEL_AVX512: CpuDefaults(
         kernels='xla', convolutions_on_eigen=False,
         evidence='Intel AVX-512, jaxlib 0.10.2 only: Eigen convolutions 0.973x (BC-100) and 0.886x (DenseNet-121); '

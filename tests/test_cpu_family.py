@@ -62,11 +62,11 @@ def test_an_unreadable_cpuinfo_is_another_family(tmp_path):
 
 def test_each_family_gets_what_was_measured_on_it_and_xla_defaults_otherwise():
   assert {family: kernels.default_kernels('cpu', family) for family in cpu_family.FAMILIES} == {
-      cpu_family.AMD_AVX2: 'cpu', cpu_family.INTEL_AVX512: 'xla', cpu_family.AMD_AVX512: 'xla',
+      cpu_family.AMD_AVX2: 'cpu', cpu_family.INTEL_AVX512: 'xla', cpu_family.AMD_AVX512: 'cpu',
       cpu_family.INTEL_AVX2: 'xla', cpu_family.ARM: 'xla', cpu_family.OTHER: 'xla'}
   for family in cpu_family.FAMILIES:  # A CPU measurement never sets another backend's default.
     assert kernels.default_kernels('gpu', family) == kernels.default_kernels('tpu', family) == 'xla'
-  assert set(cpu_family.MEASURED) == {cpu_family.AMD_AVX2, cpu_family.INTEL_AVX512}
+  assert set(cpu_family.MEASURED) == {cpu_family.AMD_AVX2, cpu_family.AMD_AVX512, cpu_family.INTEL_AVX512}
   assert all(defaults.evidence for defaults in cpu_family.MEASURED.values())
   with pytest.raises(ValueError, match='Unknown CPU family'):
     cpu_family.defaults('sparc')
