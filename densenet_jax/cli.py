@@ -41,10 +41,15 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that
 def prepare_environment(environ=os.environ) -> None:
   """Process-wide settings that must precede the first TensorFlow import and JAX's first computation.
 
-  TensorFlow's C++ INFO and WARNING lines (CPU features, oneDNN notices) are hidden unless the user set
-  TF_CPP_MIN_LOG_LEVEL; the XLA flags of xla_flags.py are added to XLA_FLAGS.
+  TensorFlow's C++ INFO and WARNING lines (CPU features) are hidden unless the user set TF_CPP_MIN_LOG_LEVEL.
+  TensorFlow's oneDNN operations are off unless the user set TF_ENABLE_ONEDNN_OPTS: TensorFlow only feeds the
+  host here (decoding, cropping, flipping), which they do not speed up, and on the CPUs where TensorFlow turns
+  them on by default (AVX-512 with VNNI, among them) it announces them on stderr in a line that
+  TF_CPP_MIN_LOG_LEVEL does not hide. Off, the input pipeline computes the same values on every CPU. The XLA
+  flags of xla_flags.py are added to XLA_FLAGS.
   """
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   xla_flags.set_defaults(environ)
 
 
