@@ -12,7 +12,7 @@ The model computes one function. A `Kernels` set says how five of its operations
 the 1x1 convolution as the matrix product it is, the 3x3 convolution with its gradients spelled as an NHWC/HWIO
 convolution and a matrix product (XLA:CPU does not rewrite autodiff's layouts inside loop bodies), an optimization
 barrier that makes each feature map's gradient one sum instead of one fused into every consumer, and max pooling
-whose gradient is elementwise code. They were measured on CPU only, and they win on some CPU families and not
+and its gradient as elementwise code. They were measured on CPU only, and they win on some CPU families and not
 others, so the CPU default is looked up per family (densenet_jax/cpu_family.py, docs/performance.md); no other
 backend gets them by default.
 
@@ -37,6 +37,7 @@ for such code: there compile time matters, not speed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -163,19 +164,34 @@ def _max_pool(x: Array) -> Array:
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, _POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING)
 
 
+def _pool_taps(x: Array) -> list[Array]:
+  """The nine taps of `_max_pool`'s windows over x, in row-major window order: tap (h, w) of window (i, j) is
+  x padded by 1 with -inf at (2i + h, 2j + w)."""
+  _, height, width, _ = x.shape
+  out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return [padded[:, h:h + 2 * out_height - 1:2, w:w + 2 * out_width - 1:2, :] for h in range(3) for w in range(3)]
+
+
 @jax.custom_vjp
 def elementwise_max_pool(x: Array) -> Array:
-  """`_max_pool`, whose gradient is written as elementwise code.
+  """`_max_pool` written as elementwise code: the maximum of each window's nine taps, and a gradient to match.
 
-  Autodiff's gradient of max pooling is a select-and-scatter, which XLA:CPU computes through index arrays
-  several times the size of the input. This one routes each window's gradient to the same element autodiff
-  does, the first maximum in row-major window order, with one comparison and one strided add per window tap.
+  XLA:CPU runs the reduce-window of `_max_pool` as a generic loop, several times slower than one fused maximum
+  of nine strided slices; and autodiff's gradient of max pooling is a select-and-scatter, which it computes
+  through index arrays several times the size of the input. This gradient routes each window's gradient to the
+  same element autodiff does, the first maximum in row-major window order, with one comparison and one strided
+  add per window tap.
   """
-  return _max_pool(x)
+  return _tap_max_pool(x)
+
+
+def _tap_max_pool(x: Array) -> Array:
+  return functools.reduce(jnp.maximum, _pool_taps(x))
 
 
 def _elementwise_max_pool_forward(x: Array):
-  y = _max_pool(x)
+  y = _tap_max_pool(x)
   return y, (x, y)
 
 
@@ -183,20 +199,17 @@ def _elementwise_max_pool_backward(residuals, gradient: Array):
   x, y = residuals
   _, height, width, _ = x.shape
   out_height, out_width = y.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   taken = jnp.zeros(y.shape, bool)
-  d_padded = jnp.zeros(padded.shape, gradient.dtype)
+  d_padded = jnp.zeros((x.shape[0], height + 2, width + 2, x.shape[3]), gradient.dtype)
   zero = jnp.zeros((), gradient.dtype)
-  for h in range(3):
-    for w in range(3):
-      # Tap (h, w) of window (i, j) is padded[2i + h, 2j + w].
-      tap = padded[:, h:h + 2 * out_height - 1:2, w:w + 2 * out_width - 1:2, :]
-      chosen = (tap == y) & ~taken
-      taken = taken | chosen
-      share = jnp.where(chosen, gradient, zero)
-      d_padded = d_padded + jax.lax.pad(share, zero, (
-          (0, 0, 0), (h, height + 2 - h - (2 * out_height - 1), 1), (w, width + 2 - w - (2 * out_width - 1), 1),
-          (0, 0, 0)))
+  for index, tap in enumerate(_pool_taps(x)):
+    h, w = divmod(index, 3)  # Tap (h, w) of window (i, j) is padded[2i + h, 2j + w].
+    chosen = (tap == y) & ~taken
+    taken = taken | chosen
+    share = jnp.where(chosen, gradient, zero)
+    d_padded = d_padded + jax.lax.pad(share, zero, (
+        (0, 0, 0), (h, height + 2 - h - (2 * out_height - 1), 1), (w, width + 2 - w - (2 * out_width - 1), 1),
+        (0, 0, 0)))
   return (d_padded[:, 1:height + 1, 1:width + 1, :],)
 
 
