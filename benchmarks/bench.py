@@ -47,7 +47,6 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, machine_load  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
-from densenet_jax import summary  # noqa: E402
 from densenet_jax.model import kernels as kernel_sets  # noqa: E402
 from densenet_jax.training import steps  # noqa: E402
 
@@ -245,13 +244,10 @@ def check_reference_form(reference: str | None, form: kernel_sets.BlockForm) -> 
 def run(args: argparse.Namespace) -> dict:
   loadavg_before = os.getloadavg()
   load_before = machine_load.probe(args.load_probe_seconds)  # Before this process starts any work.
-  imagenet = model_lib.create_model(args.model, num_classes=1).stem == 'imagenet'
-  model = model_lib.create_model(
-      args.model, num_classes=args.num_classes or (1000 if imagenet else 10),
-      dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan,
+  model, size = common.create_model(
+      args, dtype=jnp.dtype(args.dtype), memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan,
       kernels=args.kernels, dropout_rate=args.dropout_rate,
   )
-  size = args.image_size or summary.default_input_shape(model)[0]
   device = jax.devices()[0]
   form = model.block_form()
   check_reference_form(args.reference, form)
@@ -334,10 +330,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(model_lib.MODELS))
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
-  parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')
+  common.add_model_arguments(parser)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--dropout_rate', type=float, default=0.0,
                       help="the paper's 0.2 for the datasets without augmentation (C10, C100, SVHN); both sides")

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import jax
 import optax
 
-from densenet_jax import cpu_family, xla_flags
+from densenet_jax import cpu_family, host_memory, summary, xla_flags
+from densenet_jax import model as model_lib
 from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.training import optim
 
@@ -32,6 +33,21 @@ def add_block_form_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--layers_per_scan', type=int, default=None,
                       help='compute dense blocks this many layers at a time, 0: unrolled (needs memory_efficient; '
                            "default: the backend's block form)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model: str = 'densenet_bc_l100_k12', batch: int = 64) -> None:
+  """--model, --batch, --image_size and --num_classes: one of the library's models on a synthetic batch."""
+  parser.add_argument('--model', default=model, choices=sorted(model_lib.MODELS))
+  parser.add_argument('--batch', type=int, default=batch)
+  parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
+  parser.add_argument('--num_classes', type=int, default=None, help='default: 1000 for ImageNet models, else 10')
+
+
+def create_model(args: argparse.Namespace, **options) -> tuple[model_lib.DenseNet, int]:
+  """The model `add_model_arguments` named, with `options`, and its image size."""
+  imagenet = model_lib.create_model(args.model, num_classes=1).stem == 'imagenet'
+  model = model_lib.create_model(args.model, num_classes=args.num_classes or (1000 if imagenet else 10), **options)
+  return model, args.image_size or summary.default_input_shape(model)[0]
 
 
 def check_block_form_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -51,7 +67,8 @@ def environment() -> dict:
   """The facts every benchmark result records about where it ran."""
   device = jax.devices()[0]
   return dict(device=f'{device.platform}: {device.device_kind}', host_cpus=os.cpu_count(), usable_cpus=cpu_count(),
-              cpu_family=cpu_family.host(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
+              cpu_family=cpu_family.host(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
+              host_memory='freed memory kept' if host_memory.applies() else "the C library's defaults")
 
 
 def paper_optimizer() -> tuple[optax.Schedule, optax.GradientTransformation]:

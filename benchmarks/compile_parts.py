@@ -42,7 +42,6 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import common  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
 from densenet_jax.training import steps
-from densenet_jax import summary
 
 PARTS = ('forward', 'gradients', 'train_step', 'sgd_update', 'sgd_update_one_shape')
 
@@ -118,9 +117,7 @@ def measure(fn: Callable, args: tuple) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-  model = model_lib.create_model(args.model, num_classes=args.num_classes, memory_efficient=args.memory_efficient,
-                              layers_per_scan=args.layers_per_scan)
-  size = args.image_size or summary.default_input_shape(model)[0]
+  model, size = common.create_model(args, memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan)
   programs = _programs(model, args.batch, size)
   params = jax.tree.leaves(programs['sgd_update'][1][1])
   form = model.block_form()
@@ -138,10 +135,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', default='densenet_bc_l100_k12', choices=sorted(model_lib.MODELS))
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--image_size', type=int, default=None, help='default: 224 for ImageNet models, else 32')
-  parser.add_argument('--num_classes', type=int, default=10)
+  common.add_model_arguments(parser)
   common.add_block_form_arguments(parser)
   parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
   parser.add_argument('--json', default=None, help='write the result object to this file')

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from densenet_jax import cloud
 from densenet_jax import config as config_lib
-from densenet_jax import data, model, xla_flags
+from densenet_jax import data, host_memory, model, xla_flags
 from densenet_jax.training import checkpoints, lock, parallel, steps, stopping, workdir
 
 T = TypeVar('T')
@@ -46,11 +46,13 @@ def prepare_environment(environ=os.environ) -> None:
   host here (decoding, cropping, flipping), which they do not speed up, and on the CPUs where TensorFlow turns
   them on by default (AVX-512 with VNNI, among them) it announces them on stderr in a line that
   TF_CPP_MIN_LOG_LEVEL does not hide. Off, the input pipeline computes the same values on every CPU. The XLA
-  flags of xla_flags.py are added to XLA_FLAGS.
+  flags of xla_flags.py are added to XLA_FLAGS. Where JAX computes on the CPU, freed host memory is kept for the
+  next step (host_memory.py), before JAX starts its threads.
   """
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   xla_flags.set_defaults(environ)
+  host_memory.keep_freed_memory(environ)
 
 
 def keep_accelerators_for_jax() -> None:

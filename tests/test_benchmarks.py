@@ -19,6 +19,8 @@ import bench  # noqa: E402
 import block_forms  # noqa: E402
 import compile_parts  # noqa: E402
 from benchmarks import common, machine_load  # noqa: E402
+from benchmarks import host_memory as host_memory_benchmark  # noqa: E402
+from densenet_jax import host_memory  # noqa: E402
 
 TINY_MODEL = ['--model', 'tiny', '--batch', '2', '--image_size', '8']
 TINY = [*TINY_MODEL, '--steps', '1', '--rounds', '2']
@@ -206,6 +208,19 @@ def test_compile_parts_measures_each_part_of_the_train_step(tmp_path):
   one_shape, update = parts['sgd_update_one_shape'], parts['sgd_update']
   assert one_shape['kernels'] == update['kernels'] and one_shape['distinct_kernels'] < update['distinct_kernels']
   assert result['parameters'] > result['distinct_parameter_shapes'] > 1
+
+
+@pytest.mark.skipif(not host_memory.applies(), reason='freed memory is kept only under glibc, on the CPU')
+def test_host_memory_benchmark_times_both_sides_and_leaves_memory_kept(tmp_path):
+  out = tmp_path / 'host_memory.json'
+  host_memory_benchmark.main([*TINY, '--json', str(out)])
+  result = json.loads(out.read_text())
+  assert result['host_memory'] == 'freed memory kept'
+  for kind in ('train', 'eval'):
+    for side in ('kept', 'returned'):
+      assert set(result[kind][side]) == {'wall', 'cpu', 'kernel', 'faults'} and result[kind][side]['wall'] > 0
+    assert result[kind]['speedup_kept'] == pytest.approx(
+        result[kind]['returned']['wall'] / result[kind]['kept']['wall'], rel=0.01)
 
 
 def test_scanned_blocks_compile_less_code(monkeypatch):
