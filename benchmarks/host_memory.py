@@ -2,8 +2,8 @@
 
     python benchmarks/host_memory.py --model densenet121 --batch 8 --rounds 4 --steps 3
 
-One process, taking turns: glibc fixes a thread's arena at its first allocation, so the process starts as the
-entry points do (one arena, freed memory kept), and the two sides differ in what happens to freed blocks:
+One process, taking turns: the process starts as the entry points do (freed memory kept, computations run on the
+calling thread), and the two sides differ in what glibc does with freed blocks:
 
 * `kept`: host_memory.KEEP_FREED: every block from the heap, and the heap never trimmed;
 * `returned`: glibc's default mmap count and trim threshold again, and malloc_trim(0) before every step, which
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from densenet_jax import cli  # noqa: E402
 
-cli.prepare_environment()  # Before JAX starts: one arena, freed memory kept, as in train.py.
+cli.prepare_environment()  # Before JAX starts: freed memory kept, as in train.py.
 
 from benchmarks import bench, common  # noqa: E402
 from densenet_jax import host_memory  # noqa: E402

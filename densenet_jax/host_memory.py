@@ -3,17 +3,19 @@
 XLA:CPU allocates the buffers of every execution anew (a DenseNet train step's temporary buffer is one large block)
 and frees them when the execution ends. glibc's malloc serves such large blocks with fresh pages from the kernel
 and hands them back on free, so every step page-faults its whole working set in again and the kernel zeroes it, a
-large share of the step's CPU time (docs/performance.md, "Host memory"). `keep_freed_memory` tells glibc to serve
-every block from its heap and keep what is freed there for the next allocation, which is what a caching allocator
-does: after the first steps no page faults, at the price that the process keeps its peak memory instead of
-returning it between steps.
+large share of the step's CPU time (docs/performance.md, "Host memory"). `keep_freed_memory` has glibc serve every
+block from its heap and keep what is freed there for the next allocation, which is what a caching allocator does:
+after the first steps no page faults, at the price that the process keeps its peak memory instead of returning it
+between steps.
 
-It must run before JAX starts its threads (glibc gives each thread its arena at its first allocation, and
-only the main arena can serve the large blocks from its heap), so the entry points call it through
-`cli.prepare_environment`, which runs before JAX computes anything. It applies only where JAX will compute on the
-CPU (GPU and TPU buffers are not host memory, and host-side settings were not measured there), only under glibc,
-and never where the user set glibc's allocator options (`GLIBC_TUNABLES` or a `MALLOC_*` variable): theirs win.
-This module imports neither JAX nor TensorFlow.
+Only glibc's main arena can serve a large block from its heap (the other arenas' heaps are at most 64 MB and give
+anything larger fresh pages), and a thread allocates from the arena glibc gave it at its first allocation. So
+`keep_freed_memory` also has JAX run single-device computations on the calling thread (the main thread, main
+arena) instead of dispatching them to its own threads; limiting glibc to one arena instead would serialize the
+compiler's threads on its lock. It must run before JAX creates its CPU client (its first computation), which
+`cli.prepare_environment` does for the entry points. It applies only where JAX will compute on the CPU (GPU and
+TPU buffers are not host memory, and host-side settings were not measured there), only under glibc, and never
+where the user set glibc's allocator options (`GLIBC_TUNABLES` or a `MALLOC_*` variable): theirs win.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
+import jax
+
 # mallopt(3) parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-M_ARENA_MAX = -8
-# One arena, no block from fresh pages, never a trim of the heap's top (-1 turns trimming off, mallopt(3)).
-KEEP_FREED = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
+# No block from fresh pages, never a trim of the heap's top (-1 turns trimming off, mallopt(3)).
+KEEP_FREED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
 # glibc's defaults for the two options that hand freed blocks back to the kernel (mallopt(3)).
 GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_TRIM_THRESHOLD: 128 * 1024}
 
@@ -81,9 +84,11 @@ def set_malloc_options(options: Mapping[int, int]) -> bool:
 
 
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
-  """`KEEP_FREED` where `applies`; whether it was set.
+  """`KEEP_FREED`, and single-device computations run on the calling thread, where `applies`; whether it was set.
 
-  The large blocks come from the heap only in the main arena, hence one arena: other arenas' heaps are at most
-  64 MB and give anything larger fresh pages.
+  Call before JAX's first computation: the dispatch setting takes effect when JAX creates its CPU client.
   """
-  return applies(environ) and set_malloc_options(KEEP_FREED)
+  if not (applies(environ) and set_malloc_options(KEEP_FREED)):
+    return False
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  return True
