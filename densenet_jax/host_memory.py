@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -60,8 +61,10 @@ def computes_on_cpu(environ: Mapping[str, str]) -> bool:
   return not _accelerator_plugin_installed()
 
 
+@functools.cache
 def glibc():
-  """glibc's C library, or None under another C library (musl, macOS, Windows)."""
+  """glibc's C library, or None under another C library (musl, macOS, Windows); looked up once (find_library
+  runs ldconfig)."""
   name = ctypes.util.find_library('c')
   try:
     libc = ctypes.CDLL(name)
