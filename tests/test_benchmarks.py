@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench  # noqa: E402
 import block_forms  # noqa: E402
 import compile_parts  # noqa: E402
+import kernel_ops  # noqa: E402
 from benchmarks import common, machine_load  # noqa: E402
 from benchmarks import host_memory as host_memory_benchmark  # noqa: E402
 from densenet_jax import host_memory  # noqa: E402
@@ -208,6 +209,28 @@ def test_compile_parts_measures_each_part_of_the_train_step(tmp_path):
   one_shape, update = parts['sgd_update_one_shape'], parts['sgd_update']
   assert one_shape['kernels'] == update['kernels'] and one_shape['distinct_kernels'] < update['distinct_kernels']
   assert result['parameters'] > result['distinct_parameter_shapes'] > 1
+
+
+@pytest.mark.parametrize('op, shape', [('conv1x1', ['--channels', '6', '--out_channels', '4']),
+                                       ('conv3x3', ['--channels', '6', '--out_channels', '4']),
+                                       ('stem_pool', ['--channels', '3'])])
+def test_kernel_ops_times_both_kernel_sets_of_one_operation(tmp_path, op, shape):
+  out = tmp_path / 'op.json'
+  kernel_ops.main(['--op', op, '--batch', '2', '--size', '7', *shape, '--rounds', '2', '--json', str(out)])
+  result = json.loads(out.read_text())
+  assert result['op'] == op and result['size'] == 7
+  assert set(result['median_ms']) == {f'{side}_{part}' for side in ('xla', 'cpu')
+                                      for part in ('forward', 'with_gradients')}
+  assert all(ms > 0 for ms in result['median_ms'].values())
+  assert result['cpu_speedup_forward'] == pytest.approx(
+      result['median_ms']['xla_forward'] / result['median_ms']['cpu_forward'], rel=0.01)
+
+
+def test_kernel_ops_refuses_kernel_sets_that_disagree():
+  same = {'xla': (jnp.ones(3), [jnp.arange(3.0)]), 'cpu': (jnp.ones(3), [jnp.arange(3.0) * (1 + 1e-7)])}
+  kernel_ops.check_same(same)
+  with pytest.raises(SystemExit, match='disagree'):
+    kernel_ops.check_same({**same, 'cpu': (jnp.ones(3), [jnp.arange(3.0) * 1.001])})
 
 
 @pytest.mark.skipif(not host_memory.applies(), reason='freed memory is kept only under glibc, on the CPU')

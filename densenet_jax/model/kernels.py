@@ -179,9 +179,9 @@ def elementwise_max_pool(x: Array) -> Array:
 
   XLA:CPU runs the reduce-window of `_max_pool` as a generic loop, several times slower than one fused maximum
   of nine strided slices; and autodiff's gradient of max pooling is a select-and-scatter, which it computes
-  through index arrays several times the size of the input. This gradient routes each window's gradient to the
-  same element autodiff does, the first maximum in row-major window order, with one comparison and one strided
-  add per window tap.
+  through index arrays several times the size of the input. Here the forward pass also records, per window, which
+  tap autodiff routes the gradient to (the first maximum in row-major window order) as one byte, and the backward
+  pass adds each tap's share with one strided pad: it reads that byte and the gradient, not the input again.
   """
   return _tap_max_pool(x)
 
@@ -190,26 +190,34 @@ def _tap_max_pool(x: Array) -> Array:
   return functools.reduce(jnp.maximum, _pool_taps(x))
 
 
+def _first_maximum_tap(x: Array) -> Array:
+  """Per window of `_max_pool`, the index (int8, 0..8) of its first maximal tap in row-major window order."""
+  taps = _pool_taps(x)
+  best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for tap_index, tap in enumerate(taps[1:], start=1):
+    later_is_larger = tap > best  # Strictly: on a tie the earlier tap keeps the gradient.
+    best = jnp.where(later_is_larger, tap, best)
+    index = jnp.where(later_is_larger, jnp.int8(tap_index), index)
+  return index
+
+
 def _elementwise_max_pool_forward(x: Array):
-  y = _tap_max_pool(x)
-  return y, (x, y)
+  # The barrier stores the index: fused into the backward pass, its nine comparisons would run once per tap.
+  return _tap_max_pool(x), (jax.lax.optimization_barrier(_first_maximum_tap(x)), x.shape)
 
 
 def _elementwise_max_pool_backward(residuals, gradient: Array):
-  x, y = residuals
-  _, height, width, _ = x.shape
-  out_height, out_width = y.shape[1:3]
-  taken = jnp.zeros(y.shape, bool)
-  d_padded = jnp.zeros((x.shape[0], height + 2, width + 2, x.shape[3]), gradient.dtype)
+  index, (_, height, width, _) = residuals
+  out_height, out_width = gradient.shape[1:3]
   zero = jnp.zeros((), gradient.dtype)
-  for index, tap in enumerate(_pool_taps(x)):
-    h, w = divmod(index, 3)  # Tap (h, w) of window (i, j) is padded[2i + h, 2j + w].
-    chosen = (tap == y) & ~taken
-    taken = taken | chosen
-    share = jnp.where(chosen, gradient, zero)
-    d_padded = d_padded + jax.lax.pad(share, zero, (
+  d_padded = None
+  for tap_index in range(9):
+    h, w = divmod(tap_index, 3)  # Tap (h, w) of window (i, j) is the padded input at (2i + h, 2j + w).
+    share = jnp.where(index == tap_index, gradient, zero)
+    spread = jax.lax.pad(share, zero, (
         (0, 0, 0), (h, height + 2 - h - (2 * out_height - 1), 1), (w, width + 2 - w - (2 * out_width - 1), 1),
         (0, 0, 0)))
+    d_padded = spread if d_padded is None else d_padded + spread
   return (d_padded[:, 1:height + 1, 1:width + 1, :],)
 
 
