@@ -173,7 +173,6 @@ def _pool_taps(x: Array) -> list[Array]:
   return [padded[:, h:h + 2 * out_height - 1:2, w:w + 2 * out_width - 1:2, :] for h in range(3) for w in range(3)]
 
 
-@jax.custom_vjp
 def elementwise_max_pool(x: Array) -> Array:
   """`_max_pool` written as elementwise code: the maximum of each window's nine taps, and a gradient to match.
 
@@ -183,7 +182,7 @@ def elementwise_max_pool(x: Array) -> Array:
   tap autodiff routes the gradient to (the first maximum in row-major window order) as one byte, and the backward
   pass adds each tap's share with one strided pad: it reads that byte and the gradient, not the input again.
   """
-  return _tap_max_pool(x)
+  return _tap_index_max_pool(x.shape[1:3], x)
 
 
 def _tap_max_pool(x: Array) -> Array:
@@ -201,13 +200,20 @@ def _first_maximum_tap(x: Array) -> Array:
   return index
 
 
-def _elementwise_max_pool_forward(x: Array):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tap_index_max_pool(input_size: tuple[int, int], x: Array) -> Array:
+  del input_size  # The backward pass's: the pooled output does not say whether the input's size was even.
+  return _tap_max_pool(x)
+
+
+def _tap_index_max_pool_forward(input_size: tuple[int, int], x: Array):
+  del input_size
   # The barrier stores the index: fused into the backward pass, its nine comparisons would run once per tap.
-  return _tap_max_pool(x), (jax.lax.optimization_barrier(_first_maximum_tap(x)), x.shape)
+  return _tap_max_pool(x), jax.lax.optimization_barrier(_first_maximum_tap(x))
 
 
-def _elementwise_max_pool_backward(residuals, gradient: Array):
-  index, (_, height, width, _) = residuals
+def _tap_index_max_pool_backward(input_size: tuple[int, int], index: Array, gradient: Array):
+  height, width = input_size
   out_height, out_width = gradient.shape[1:3]
   zero = jnp.zeros((), gradient.dtype)
   d_padded = None
@@ -221,7 +227,7 @@ def _elementwise_max_pool_backward(residuals, gradient: Array):
   return (d_padded[:, 1:height + 1, 1:width + 1, :],)
 
 
-elementwise_max_pool.defvjp(_elementwise_max_pool_forward, _elementwise_max_pool_backward)
+_tap_index_max_pool.defvjp(_tap_index_max_pool_forward, _tap_index_max_pool_backward)
 
 
 def _identity(x: Array) -> Array:
