@@ -4,6 +4,7 @@ docs/faults.md lists every failure with what the program does and what the user 
 """
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -282,6 +283,60 @@ def test_late_wake_ups_from_tensorstore_done_callbacks_are_not_printed(monkeypat
   promise.set_result(0)  # tensorstore runs the callbacks; their errors go to sys.unraisablehook
   assert [str(error) for error in printed] == ['Event loop is closed']
   assert printed[0].__traceback__.tb_frame.f_code.co_name == '<lambda>'
+
+
+@pytest.mark.parametrize('held_by', ['traceback', 'module'])
+def test_a_reported_failure_is_the_last_thing_printed_even_with_writes_abandoned(held_by):
+  # A save that fails part-way leaves orbax's other writes as coroutines never awaited, held by the failure's
+  # traceback or by objects that live until the interpreter's exit, where each would print a RuntimeWarning after
+  # the failure's paragraph.
+  program = f"""
+from densenet_jax import cli
+
+async def write_fragment():
+  pass
+
+abandoned = []
+
+def save():
+  writes = [write_fragment(), write_fragment()]  # a failed save's other writes, never awaited
+  if {held_by!r} == 'module':
+    abandoned.extend(writes)
+  raise FileNotFoundError('no checkpoint at /nowhere')
+
+def job():
+  try:
+    save()
+  except FileNotFoundError as error:
+    raise FileNotFoundError(str(error)) from error  # as the library wraps a failed save
+
+cli.run_reporting_failures(job)
+"""
+  done = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == ['Error: no checkpoint at /nowhere'], done.stderr
+
+
+def test_only_coroutines_never_started_are_closed():
+  import asyncio
+
+  from densenet_jax import cli
+
+  async def step(gate):
+    await gate
+
+  loop = asyncio.new_event_loop()
+  try:
+    gate = loop.create_future()
+    started, abandoned = step(gate), step(gate)
+    started.send(None)  # Suspended at its await: running work, left alone.
+    cli.close_abandoned_coroutines()
+    assert inspect.getcoroutinestate(abandoned) == inspect.CORO_CLOSED
+    assert inspect.getcoroutinestate(started) == inspect.CORO_SUSPENDED
+    started.close()
+  finally:
+    loop.close()
 
 
 def test_sigint_saves_and_stops_like_sigterm(tmp_path, caplog):
