@@ -6,9 +6,9 @@ The entry points call `prepare_environment()` first, before anything imports Ten
 
 from __future__ import annotations
 
-import logging as python_logging
 import gc
 import inspect
+import logging as python_logging
 import os
 import re
 import sys
