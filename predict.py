@@ -8,15 +8,15 @@ gets one line on stderr, the other files are still predicted, and the exit code 
 writes the results as JSON. Any of these paths may be gs://BUCKET/... (docs/cloud_storage.md).
 """
 
-from densenet_jax import cli
+from densenet_jax import platform
 
-cli.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
+platform.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
 
 import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from densenet_jax import cloud, data, inference  # noqa: E402
+from densenet_jax import cli, cloud, data, inference  # noqa: E402
 from densenet_jax.data import image_files  # noqa: E402
 
 FLAGS = flags.FLAGS

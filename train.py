@@ -9,9 +9,9 @@ from densenet_jax.training import stopping
 
 stopping.install()  # First: a SIGTERM or Ctrl-C while JAX and TensorFlow load ends with one line and exit 0.
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import cli, platform  # noqa: E402
 
-cli.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
+platform.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -4,7 +4,7 @@
     python benchmarks/bench.py --model densenet121 --batch 256 --dtype bfloat16 --reference torch --json out.json
 
 Needs only jax, flax and optax (and torch for --reference torch): no TensorFlow. XLA flags are train.py's
-(densenet_jax/xla_flags.py) plus whatever XLA_FLAGS holds. The train step is the
+(densenet_jax/platform/xla_flags.py) plus whatever XLA_FLAGS holds. The train step is the
 library's own (densenet_jax.steps.train_step: forward, backward, SGD update, BatchNorm statistics),
 compiled once; images/s is the median over timed steps after warm-up.
 
@@ -37,9 +37,9 @@ from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
-cli.prepare_environment()  # Before JAX starts: train.py's XLA flags (remat kept on CPU).
+platform.prepare_environment()  # Before JAX starts: train.py's XLA flags (remat kept on CPU).
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -63,9 +63,10 @@ class JaxRunner:
     labels = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
     self.batch_arrays = {'image': images, 'label': labels, 'mask': jnp.ones((batch,), bool)}
     learning_rate_fn, tx = common.paper_optimizer()
-    self.state = kernel_sets.run_once(jax.jit(functools.partial(
-        steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx
-    )), jax.random.key(0))
+    create_state = jax.jit(functools.partial(
+        steps.create_train_state, model=model, image_shape=(size, size, model.input_channels), tx=tx))
+    options = platform.run_once_options(jax.default_backend())
+    self.state = create_state.lower(jax.random.key(0)).compile(compiler_options=options)(jax.random.key(0))
     self.rng = jax.random.key(1)
     train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn), donate_argnums=0)
     start = time.perf_counter()
@@ -76,10 +77,9 @@ class JaxRunner:
     self.xla_compile_seconds = time.perf_counter() - lowered_at
     self.temp_bytes = int(self.train_compiled.memory_analysis().temp_size_in_bytes)
     self.eval_compiled = None  # Compiled when first needed.
-    form = model.block_form()
-    self.description = f'densenet_jax, memory_efficient={form.memory_efficient}, kernels={model.kernels or "default"}'
-    if form.layers_per_scan:
-      self.description += f', layers_per_scan={form.layers_per_scan}'
+    self.description = f'densenet_jax, memory_efficient={model.memory_efficient}, kernels={model.kernels}'
+    if model.layers_per_scan:
+      self.description += f', layers_per_scan={model.layers_per_scan}'
     if xla_options:
       self.description += f', XLA options {json.dumps(xla_options)}'
 
@@ -231,7 +231,7 @@ def _utilization(timings: list[common.Timing], threads: int) -> float:
   return round(statistics.median(machine_load.utilization(t.cpu, t.wall, threads) for t in timings), 3)
 
 
-def check_reference_form(reference: str | None, form: kernel_sets.BlockForm) -> None:
+def check_reference_form(reference: str | None, form: model_lib.DenseNet) -> None:
   """Refuses a JAX reference that would be the measured model itself."""
   if reference == 'plain' and not form.memory_efficient:
     raise SystemExit('--reference plain measures the cost of the memory-efficient form, which this model does not '
@@ -249,10 +249,10 @@ def run(args: argparse.Namespace) -> dict:
       kernels=args.kernels, dropout_rate=args.dropout_rate,
   )
   device = jax.devices()[0]
-  form = model.block_form()
-  check_reference_form(args.reference, form)
+  check_reference_form(args.reference, model)
   result = dict(model=args.model, batch=args.batch, image_size=size, dtype=args.dtype, dropout_rate=args.dropout_rate,
-                memory_efficient=form.memory_efficient, layers_per_scan=form.layers_per_scan, **common.environment())
+                memory_efficient=model.memory_efficient, layers_per_scan=model.layers_per_scan,
+                kernels=model.kernels, **common.environment())
   runner = JaxRunner(model, args.batch, size)
   result.update(runner.facts())
   if args.compile_only:
@@ -341,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--compile_only', action='store_true', help='report compile time and memory, run nothing')
   parser.add_argument('--kernels', choices=sorted(kernel_sets.KERNELS), default=None,
-                      help="the model's kernel set (default: the backend's, densenet_jax/model/kernels.py)")
+                      help="the model's kernel set (default: the backend's, densenet_jax/platform)")
   parser.add_argument('--reference', default=None,
                       choices=['torch', 'torch_memory_efficient', 'plain', 'unrolled', 'kernels', 'xla_options'],
                       help='torch: PyTorch without checkpointing; torch_memory_efficient: PyTorch checkpointing '

@@ -15,7 +15,7 @@ gradients:
   ReLU, 1x1 convs as matmuls; see densenet_jax/layers.py).
 * `library_buffer`: the library's layers reading from a preallocated buffer.
 
-Needs only jax and flax. XLA flags are train.py's (densenet_jax/xla_flags.py) plus whatever XLA_FLAGS
+Needs only jax and flax. XLA flags are train.py's (densenet_jax/platform/xla_flags.py) plus whatever XLA_FLAGS
 holds.
 """
 
@@ -30,9 +30,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
-cli.prepare_environment()  # Before JAX starts, as in train.py.
+platform.prepare_environment()  # Before JAX starts, as in train.py.
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from densenet_jax.model import dense_layer, densenet, kernels, layers  # noqa: E402
-from densenet_jax import model as model_lib
+from densenet_jax import model as model_lib  # noqa: E402
 
 
 class PlainLayer(nn.Module):
@@ -101,12 +101,18 @@ class BufferBlock(_Block):
     return buffer
 
 
+def _library_kernels() -> str:
+  """The kernel set train.py would choose on this backend."""
+  return platform.choose({}, jax.default_backend()).kernels
+
+
 class LibraryBlock(_Block):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     # The library's block, under a wrapper so that all four forms share one parameter tree.
     return model_lib.DenseBlock(
-        num_layers=self.num_layers, growth_rate=self.growth_rate, bottleneck=True, name='block'
+        num_layers=self.num_layers, growth_rate=self.growth_rate, bottleneck=True, kernels=_library_kernels(),
+        name='block'
     )(x, train=True)
 
 
@@ -117,7 +123,7 @@ class LibraryBufferBlock(_Block):
     buffer = _preallocate(x, self.num_layers, self.growth_rate)
     batch_moments = [layers.moments(x)]
     spec = dense_layer.LayerSpec(self.growth_rate, bottleneck=True, dropout_rate=0.0, dtype=jnp.float32,
-                                 kernels=kernels.resolve(None))
+                                 kernels=kernels.resolve(_library_kernels()))
     for i in range(self.num_layers):
       read_moments = layers.Moments(*(jnp.concatenate(m) for m in zip(*batch_moments)))
       new = model_lib.DenseLayer(spec=spec, name=f'layer{i + 1}')([buffer[..., :channels]], [read_moments], True, None)

@@ -1,7 +1,7 @@
 """What every benchmark shares: the facts of the machine, the paper's optimizer, interleaved timing, reports.
 
 The scripts beside this file run as `python benchmarks/NAME.py` from the repository root; they set the entry
-points' environment (densenet_jax.cli.prepare_environment) before JAX starts.
+points' environment (densenet_jax.platform.prepare_environment) before JAX starts.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import NamedTuple
 import jax
 import optax
 
-from densenet_jax import cpu_family, host_memory, summary, xla_flags
 from densenet_jax import model as model_lib
-from densenet_jax.model import kernels as kernel_sets
+from densenet_jax import platform, summary
+from densenet_jax.platform import cpu_family, host_memory, xla_flags
 from densenet_jax.training import optim
 
 # XLA:CPU's default library kernels: convolutions too, which xla_flags gives to Eigen.
@@ -29,7 +29,7 @@ def add_block_form_arguments(parser: argparse.ArgumentParser) -> None:
   """--memory_efficient/--no-memory_efficient and --layers_per_scan; unset: the backend's block form."""
   parser.add_argument('--memory_efficient', action=argparse.BooleanOptionalAction, default=None,
                       help="recompute each layer's normalized input in the backward pass (default: the "
-                           "backend's block form, densenet_jax/model/kernels.py)")
+                           "backend's block form, densenet_jax/platform)")
   parser.add_argument('--layers_per_scan', type=int, default=None,
                       help='compute dense blocks this many layers at a time, 0: unrolled (needs memory_efficient; '
                            "default: the backend's block form)")
@@ -44,14 +44,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: str = 'densenet_
 
 
 def create_model(args: argparse.Namespace, **options) -> tuple[model_lib.DenseNet, int]:
-  """The model `add_model_arguments` named, with `options`, and its image size."""
+  """The model `add_model_arguments` named, with `options`, and its image size; form options left None (or out)
+  take the form densenet_jax.platform chooses for the backend JAX computes on, as train.py's do."""
+  given = {field: options.pop(field, None) for field in platform.FORM_FIELDS}
+  options.update(platform.choose(given, jax.default_backend()).model_options())
   imagenet = model_lib.create_model(args.model, num_classes=1).stem == 'imagenet'
   model = model_lib.create_model(args.model, num_classes=args.num_classes or (1000 if imagenet else 10), **options)
   return model, args.image_size or summary.default_input_shape(model)[0]
 
 
 def check_block_form_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  if not kernel_sets.block_options_exist(args.memory_efficient, args.layers_per_scan):
+  scan = args.layers_per_scan
+  if scan is not None and (scan < 0 or (scan > 0 and args.memory_efficient is False)):
     parser.error('--layers_per_scan N (N >= 1) computes the memory-efficient model: drop --no-memory_efficient.')
 
 

@@ -16,7 +16,7 @@ distinct (the same fused computation on the same shapes, names aside). XLA:CPU g
 distinct kernel, so the distinct count is what compile time follows (docs/performance.md). XLA shares no
 kernels between programs, so the parts compile as if each were alone.
 
-Needs only jax, flax and optax. XLA flags are train.py's (densenet_jax/xla_flags.py) plus XLA_FLAGS.
+Needs only jax, flax and optax. XLA flags are train.py's (densenet_jax/platform/xla_flags.py) plus XLA_FLAGS.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
-cli.prepare_environment()  # Before JAX starts, as in train.py.
+platform.prepare_environment()  # Before JAX starts, as in train.py.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -120,10 +120,9 @@ def run(args: argparse.Namespace) -> dict:
   model, size = common.create_model(args, memory_efficient=args.memory_efficient, layers_per_scan=args.layers_per_scan)
   programs = _programs(model, args.batch, size)
   params = jax.tree.leaves(programs['sgd_update'][1][1])
-  form = model.block_form()
   result = dict(
-      model=args.model, batch=args.batch, image_size=size, memory_efficient=form.memory_efficient,
-      layers_per_scan=form.layers_per_scan,
+      model=args.model, batch=args.batch, image_size=size, memory_efficient=model.memory_efficient,
+      layers_per_scan=model.layers_per_scan, kernels=model.kernels,
       **common.environment(), parameters=len(params), distinct_parameter_shapes=len({p.shape for p in params}),
       parts={},
   )

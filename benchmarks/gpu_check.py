@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
-cli.prepare_environment()
+platform.prepare_environment()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

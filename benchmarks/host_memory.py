@@ -1,4 +1,4 @@
-"""Train and eval steps with freed host memory kept for reuse (densenet_jax/host_memory.py) against glibc's defaults.
+"""Train and eval steps with freed host memory kept for reuse (densenet_jax/platform/host_memory.py) against glibc's defaults.
 
     python benchmarks/host_memory.py --model densenet121 --batch 8 --rounds 4 --steps 3
 
@@ -25,12 +25,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
-cli.prepare_environment()  # Before JAX starts: freed memory kept, as in train.py.
+platform.prepare_environment()  # Before JAX starts: freed memory kept, as in train.py.
 
 from benchmarks import bench, common  # noqa: E402
-from densenet_jax import host_memory  # noqa: E402
+from densenet_jax.platform import host_memory  # noqa: E402
 
 
 def _usage() -> tuple[float, float, float, int]:

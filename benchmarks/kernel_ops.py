@@ -18,9 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
-cli.prepare_environment()  # Before JAX starts, as in train.py.
+platform.prepare_environment()  # Before JAX starts, as in train.py.
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

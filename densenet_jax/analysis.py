@@ -36,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax import memory, xla_flags
+from densenet_jax import memory, platform
 from densenet_jax import model as model_lib
 from densenet_jax.model import abstract_variables
+from densenet_jax.platform import xla_flags
 from densenet_jax.training.workdir import load_model
 
 Params = Mapping[str, Any]
@@ -198,13 +199,13 @@ def activation_memory_vs_depth(
   """Activation memory of a training step of CIFAR-style DenseNets of each depth, naive and memory_efficient.
 
   Every step is compiled (not run) and measured with memory.train_step_temp_bytes, two compilations per depth.
-  On CPU the comparison needs XLA_FLAGS to contain xla_flags.KEEP_REMAT_ON_CPU before JAX starts; without it
+  On CPU the comparison needs XLA_FLAGS to contain platform.xla_flags.KEEP_REMAT_ON_CPU before JAX starts; without it
   both variants would report the same memory, so that is an error.
   """
-  if not memory.remat_is_effective():
+  if not platform.remat_is_effective(jax.default_backend()):
     raise RuntimeError(
         'On XLA:CPU memory_efficient=True saves nothing unless XLA_FLAGS contains '
-        f'{xla_flags.KEEP_REMAT_ON_CPU}; call densenet_jax.xla_flags.set_defaults() before JAX starts.'
+        f'{xla_flags.KEEP_REMAT_ON_CPU}; call densenet_jax.platform.prepare_environment() before JAX starts.'
     )
   points = []
   for depth in depths:

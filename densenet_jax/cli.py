@@ -1,7 +1,8 @@
-"""What the entry points (train.py, evaluate.py, predict.py) share: the process set-up before TensorFlow and JAX start, flags, logging,
-multi-process start, and the table of failures that end a run with one paragraph and an exit code.
+"""What the entry points (train.py, evaluate.py, predict.py) share: flags, logging, multi-process start, and the table
+of failures that end a run with one paragraph and an exit code.
 
-The entry points call `prepare_environment()` first, before anything imports TensorFlow or lets JAX compute.
+The entry points call `densenet_jax.platform.prepare_environment()` first, before anything imports TensorFlow or
+lets JAX compute.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from absl import app, flags, logging
 
 from densenet_jax import cloud
 from densenet_jax import config as config_lib
-from densenet_jax import data, host_memory, model, xla_flags
+from densenet_jax import data, model
 from densenet_jax.training import checkpoints, lock, parallel, steps, stopping, workdir
 
 T = TypeVar('T')
@@ -39,23 +40,6 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that
     workdir.DiskFullError: ('Disk full', 1),
     checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),
 }
-
-
-def prepare_environment(environ=os.environ) -> None:
-  """Process-wide settings that must precede the first TensorFlow import and JAX's first computation.
-
-  TensorFlow's C++ INFO and WARNING lines (CPU features) are hidden unless the user set TF_CPP_MIN_LOG_LEVEL.
-  TensorFlow's oneDNN operations are off unless the user set TF_ENABLE_ONEDNN_OPTS: TensorFlow only feeds the
-  host here (decoding, cropping, flipping), which they do not speed up, and on the CPUs where TensorFlow turns
-  them on by default (AVX-512 with VNNI, among them) it announces them on stderr in a line that
-  TF_CPP_MIN_LOG_LEVEL does not hide. Off, the input pipeline computes the same values on every CPU. The XLA
-  flags of xla_flags.py are added to XLA_FLAGS. Where JAX computes on the CPU, freed host memory is kept for the
-  next step (host_memory.py), before JAX's first computation.
-  """
-  environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  xla_flags.set_defaults(environ)
-  host_memory.keep_freed_memory(environ)
 
 
 def keep_accelerators_for_jax() -> None:

@@ -27,21 +27,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'densenet_bc_l100_k12'
   config.architecture = ml_collections.ConfigDict()  # depth, growth_rate, bottleneck, compression
   config.dropout_rate = 0.0
-  # How dense blocks are computed; every form is the same model (docs/performance.md). memory_efficient:
-  # recompute each layer's normalized input in the backward pass. layers_per_scan n > 0: compute each dense
-  # block n layers at a time under jax.lax.scan (needs memory_efficient), several times faster to compile;
-  # 0: every layer written out. None: the form measured fastest on the backend (on CPUs, per CPU family;
-  # densenet_jax/model/kernels.py).
+  # How the model is computed; every form is the same function (docs/performance.md). None: the form measured
+  # fastest on the backend the run computes on (on CPUs, per CPU family), chosen once by densenet_jax/platform and
+  # recorded in the workdir's config.json, which a resumed run and every loader reuse.
+  # memory_efficient: recompute each layer's normalized input in the backward pass. layers_per_scan n > 0: compute
+  # each dense block n layers at a time under jax.lax.scan (needs memory_efficient), several times faster to
+  # compile; 0: every layer written out.
   config.memory_efficient = ml_collections.FieldReference(None, field_type=bool)
   config.layers_per_scan = ml_collections.FieldReference(None, field_type=int)
   # Examples per BatchNorm statistics group in training (e.g. the per-device batch: per-device BatchNorm, as
   # Goyal et al. 2017 use for large batches). None: the whole global batch, the statistics of one device's run.
   config.batch_norm_group_size = ml_collections.FieldReference(None, field_type=int)
   config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
-  # How convolutions are written for the compiler (densenet_jax/model/kernels.py): 'xla', 'cpu', or None for the
-  # measured default of the backend (on CPUs, of the CPU family) the run computes on. Every choice computes the
-  # same function.
+  # How convolutions and max pooling are written for the compiler (densenet_jax/model/kernels.py): 'xla' or 'cpu'.
   config.kernels = ml_collections.FieldReference(None, field_type=str)
+  # How dropout's keep masks are drawn, the same bits either way: 'jax' or 'elementwise'.
+  config.dropout_masks = ml_collections.FieldReference(None, field_type=str)
 
   # Data (densenet_jax.data).
   config.dataset = 'cifar10'
@@ -139,9 +140,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.dataset={config.dataset!r} is not a dataset. Use one of '
         f'{", ".join(data.DATASET_NAMES)}.'
     )
-  if config.kernels is not None and config.kernels not in kernels.KERNELS:
-    raise ConfigError(f'config.kernels={config.kernels!r}: use one of {", ".join(kernels.KERNELS)}, or None for the '
-                      'measured default of the backend.')
+  for field, names in (('kernels', kernels.KERNELS), ('dropout_masks', kernels.DROPOUT_MASKS)):
+    if config[field] is not None and config[field] not in names:
+      raise ConfigError(f'config.{field}={config[field]!r}: use one of {", ".join(names)}, or None for the '
+                        'measured default of the backend.')
   if config.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'config.dtype={config.dtype!r}: use one of {", ".join(COMPUTE_DTYPES)}.')
   if config.dtype == 'float16':
@@ -155,7 +157,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints'):
     if config[field] < 1:
       raise ConfigError(f'config.{field} must be at least 1, got {config[field]}.')
-  if not kernels.block_options_exist(config.memory_efficient, config.layers_per_scan):
+  scan = config.layers_per_scan
+  if scan is not None and (scan < 0 or (scan > 0 and config.memory_efficient is False)):
     raise ConfigError(
         f'config.layers_per_scan={config.layers_per_scan} needs a whole number >= 0, and when positive also '
         '--config.memory_efficient=True (a scanned dense block keeps only what memory_efficient keeps).'

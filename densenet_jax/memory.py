@@ -1,27 +1,18 @@
 """Activation memory of a compiled training step, as XLA's buffer assignment reports it.
 
-`memory_efficient=True` saves memory on XLA:CPU only with `xla_flags.KEEP_REMAT_ON_CPU` in XLA_FLAGS
-when JAX starts; train.py, the benchmarks and the notebooks set it (`xla_flags.set_defaults()`).
+`memory_efficient=True` saves memory on XLA:CPU only with `platform.xla_flags.KEEP_REMAT_ON_CPU` in XLA_FLAGS
+when JAX starts (`platform.remat_is_effective`); the entry points, the benchmarks and the notebooks set it
+(`platform.prepare_environment()`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
-from densenet_jax import xla_flags
-
-
-def remat_is_effective(backend: str | None = None) -> bool:
-  """Whether the backend keeps rematerialization (GPU/TPU always; CPU only with the flag above)."""
-  backend = backend or jax.default_backend()
-  return backend != 'cpu' or xla_flags.KEEP_REMAT_ON_CPU in os.environ.get('XLA_FLAGS', '')
-
 
 def train_step_temp_bytes(
     model: nn.Module, batch_size: int, input_shape: Sequence[int], num_classes: int | None = None

@@ -8,10 +8,10 @@ import gcs_emulator
 # TensorFlow reads these when it is imported; they only concern its GCS file system, which only the gs:// tests use.
 os.environ.update(gcs_emulator.TIMING_ENV)
 
-from densenet_jax import cli  # noqa: E402
+from densenet_jax import platform  # noqa: E402
 
 # Tests run in the environment the entry points set up (XLA flags before JAX starts its backend, TF's logs).
-cli.prepare_environment()
+platform.prepare_environment()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -21,11 +21,11 @@ from densenet_jax import cli
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training import checkpoints
 from densenet_jax import config as config_lib
-from densenet_jax import memory
+from densenet_jax import platform
 from densenet_jax import model as model_lib
 from densenet_jax import summary
 from densenet_jax import weights
-from densenet_jax import xla_flags
+from densenet_jax.platform import xla_flags
 from densenet_jax.weights import __main__ as weights_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,7 +196,7 @@ def test_memory_vs_depth_compares_naive_and_memory_efficient():
 
 
 def test_memory_vs_depth_refuses_to_compare_where_remat_is_removed(monkeypatch):
-  monkeypatch.setattr(memory, 'remat_is_effective', lambda backend=None: False)
+  monkeypatch.setattr(platform, 'remat_is_effective', lambda *args: False)
   with pytest.raises(RuntimeError, match='cse_barrier_expander'):
     analysis.activation_memory_vs_depth((10,))
 

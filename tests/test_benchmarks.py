@@ -21,7 +21,7 @@ import compile_parts  # noqa: E402
 import kernel_ops  # noqa: E402
 from benchmarks import common, machine_load  # noqa: E402
 from benchmarks import host_memory as host_memory_benchmark  # noqa: E402
-from densenet_jax import host_memory  # noqa: E402
+from densenet_jax.platform import host_memory  # noqa: E402
 
 TINY_MODEL = ['--model', 'tiny', '--batch', '2', '--image_size', '8']
 TINY = [*TINY_MODEL, '--steps', '1', '--rounds', '2']

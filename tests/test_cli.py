@@ -5,7 +5,8 @@ import re
 import subprocess
 import sys
 
-from densenet_jax import cli, xla_flags
+from densenet_jax import cli, platform
+from densenet_jax.platform import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What TensorFlow's and absl's C++ logging print (e.g. "I0000 00:00:... cpu_feature_guard.cc:...] ...").
@@ -14,12 +15,12 @@ CPP_LOG_LINE = re.compile(r'^[IWEF]\d{4} |absl::InitializeLog|oneDNN custom oper
 
 def test_prepare_environment_quiets_tensorflow_and_sets_the_xla_flags_unless_the_user_did():
   environ = {}
-  cli.prepare_environment(environ)
+  platform.prepare_environment(environ)
   assert environ['TF_CPP_MIN_LOG_LEVEL'] == '2'
   assert environ['TF_ENABLE_ONEDNN_OPTS'] == '0'
   assert xla_flags.KEEP_REMAT_ON_CPU in environ['XLA_FLAGS']
   mine = {'TF_CPP_MIN_LOG_LEVEL': '0', 'TF_ENABLE_ONEDNN_OPTS': '1', 'XLA_FLAGS': '--xla_disable_hlo_passes=foo'}
-  cli.prepare_environment(mine)
+  platform.prepare_environment(mine)
   assert mine['TF_CPP_MIN_LOG_LEVEL'] == '0'
   assert mine['TF_ENABLE_ONEDNN_OPTS'] == '1'
   assert mine['XLA_FLAGS'].startswith('--xla_disable_hlo_passes=foo')

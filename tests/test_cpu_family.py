@@ -2,8 +2,8 @@
 
 import pytest
 
-from densenet_jax import cpu_family, xla_flags
-from densenet_jax.model import kernels
+from densenet_jax.platform import cpu_family, xla_flags
+from densenet_jax import platform
 
 # First processors of /proc/cpuinfo, abridged to the fields detection reads and a few it must ignore.
 AMD_EPYC_AVX2 = """processor\t: 0
@@ -61,11 +61,12 @@ def test_an_unreadable_cpuinfo_is_another_family(tmp_path):
 
 
 def test_each_family_gets_what_was_measured_on_it_and_xla_defaults_otherwise():
-  assert {family: kernels.default_kernels('cpu', family) for family in cpu_family.FAMILIES} == {
+  assert {family: platform.default_form('cpu', family).kernels for family in cpu_family.FAMILIES} == {
       cpu_family.AMD_AVX2: 'cpu', cpu_family.INTEL_AVX512: 'xla', cpu_family.AMD_AVX512: 'cpu',
       cpu_family.INTEL_AVX2: 'xla', cpu_family.ARM: 'xla', cpu_family.OTHER: 'xla'}
   for family in cpu_family.FAMILIES:  # A CPU measurement never sets another backend's default.
-    assert kernels.default_kernels('gpu', family) == kernels.default_kernels('tpu', family) == 'xla'
+    assert platform.default_form('gpu', family) == platform.default_form('tpu', family) == platform.Form(
+        kernels='xla', memory_efficient=False, layers_per_scan=0, dropout_masks='jax')
   assert set(cpu_family.MEASURED) == {cpu_family.AMD_AVX2, cpu_family.AMD_AVX512, cpu_family.INTEL_AVX512}
   assert all(defaults.evidence for defaults in cpu_family.MEASURED.values())
   with pytest.raises(ValueError, match='Unknown CPU family'):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from densenet_jax import model as model_lib
+from densenet_jax import platform
 from densenet_jax.model import dropout_masks, kernels
 
 THREEFRY = 'threefry2x32'
@@ -64,19 +65,21 @@ def test_raw_keys_and_other_generators_get_jax_own_masks():
 
 
 def test_the_cpu_draws_masks_without_jax_random_bits():
-  # JAX's random_bits on the CPU is the rolled loop that the written-out kernel replaces.
+  # JAX's random_bits on the CPU is the rolled loop that the written-out kernel replaces; other backends keep JAX's.
   key, shape = jax.random.key(0, impl=THREEFRY), (4, 8, 8, 16)
-  assert jax.default_backend() == 'cpu'
-  jaxpr = str(jax.make_jaxpr(lambda k: kernels.keep_mask(k, 0.8, shape))(key))
+  assert platform.default_form('cpu').dropout_masks == 'elementwise'
+  assert platform.default_form('gpu').dropout_masks == platform.default_form('tpu').dropout_masks == 'jax'
+  elementwise, own = kernels.DROPOUT_MASKS['elementwise'], kernels.DROPOUT_MASKS['jax']
+  jaxpr = str(jax.make_jaxpr(lambda k: elementwise(k, 0.8, shape))(key))
   assert 'random_bits' not in jaxpr and 'threefry2x32' not in jaxpr
-  assert 'random_bits' in str(jax.make_jaxpr(lambda k: dropout_masks.jax_keep_mask(k, 0.8, shape))(key))
-  np.testing.assert_array_equal(kernels.keep_mask(key, 0.8, shape), dropout_masks.jax_keep_mask(key, 0.8, shape))
+  assert 'random_bits' in str(jax.make_jaxpr(lambda k: own(k, 0.8, shape))(key))
+  np.testing.assert_array_equal(elementwise(key, 0.8, shape), own(key, 0.8, shape))
 
 
 @pytest.mark.parametrize('form', [dict(memory_efficient=False, layers_per_scan=0, kernels='cpu'),
                                   dict(memory_efficient=True, layers_per_scan=2, kernels='cpu'),
                                   dict(memory_efficient=True, layers_per_scan=2, kernels='xla')])
-def test_a_model_trains_with_the_same_masks_either_way(form, monkeypatch):
+def test_a_model_trains_with_the_same_masks_either_way(form):
   # Logits, batch statistics and gradients of a DenseNet-BC with dropout, from a threefry key: the CPU's masks
   # against JAX's own (what GPUs and TPUs draw).
   model = model_lib.cifar_densenet(11, 4, bottleneck=True, compression=0.5, dropout_rate=0.3, num_blocks=2,
@@ -85,17 +88,16 @@ def test_a_model_trains_with_the_same_masks_either_way(form, monkeypatch):
   variables = model_lib.init_variables(model, jax.random.key(0), x)
   key = jax.random.key(2, impl=THREEFRY)
 
-  def train_step_outputs():
+  def train_step_outputs(draw):
     def loss(params):
-      logits, updates = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+      logits, updates = model.clone(dropout_masks=draw).apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
                                     rngs={'dropout': key})
       return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), (logits, updates['batch_stats'])
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
 
-  written_out = train_step_outputs()
-  monkeypatch.setitem(kernels._KEEP_MASKS, 'cpu', dropout_masks.jax_keep_mask)
-  jax_own = train_step_outputs()
+  written_out = train_step_outputs('elementwise')
+  jax_own = train_step_outputs('jax')
   # The same masks; the two programs fuse differently, so the last bits of a sum may differ. Another mask would
   # move these values by about their size.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), written_out, jax_own)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from densenet_jax import host_memory
+from densenet_jax.platform import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ten calls after ten warm-up calls.
 _FAULTS_PER_CALLS = """
 import resource
-from densenet_jax import cli
-cli.prepare_environment()
+from densenet_jax import platform
+platform.prepare_environment()
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 4096), jnp.float32)
 double_sine = jax.jit(lambda x: jnp.sin(x) * 2)

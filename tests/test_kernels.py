@@ -13,32 +13,10 @@ from densenet_jax import model as model_lib
 from densenet_jax.model import kernels
 
 
-def test_each_backend_gets_xla_ops_unless_a_measurement_on_it_says_otherwise():
-  # The CPU's default is per CPU family (tests/test_cpu_family.py); the AMD AVX2 one is measured.
-  assert kernels.default_kernels('cpu', 'amd_avx2') == 'cpu'
-  assert kernels.default_kernels('cpu', 'other') == 'xla'
-  assert kernels.default_kernels('gpu') == 'xla'
-  assert kernels.default_kernels('tpu') == 'xla'
-  assert kernels.resolve('xla') is kernels.XLA
+def test_kernel_sets_are_named():
+  assert kernels.resolve('xla') is kernels.XLA and kernels.resolve('cpu') is kernels.CPU
   with pytest.raises(ValueError, match='Unknown kernels'):
     kernels.resolve('cuda')
-
-
-def test_block_forms_follow_the_options_given_and_the_backend_for_the_rest():
-  form = kernels.BlockForm
-  # Nothing given: the backend's form; measured per CPU family on the CPU, unrolled elsewhere.
-  assert kernels.resolve_block_form(None, None, 'gpu') == form(False, 0)
-  assert kernels.resolve_block_form(None, None, 'tpu') == form(False, 0)
-  assert kernels.resolve_block_form(None, None, 'cpu') == kernels.default_block_form('cpu')
-  amd = kernels.default_block_form('cpu', 'amd_avx2')
-  assert amd.memory_efficient and amd.layers_per_scan > 0
-  assert kernels.default_block_form('cpu', 'other') == form(False, 0)
-  # Given options win, and the other follows them.
-  assert kernels.resolve_block_form(False, None, 'cpu') == form(False, 0)
-  assert kernels.resolve_block_form(True, None, 'gpu') == form(True, 0)
-  assert kernels.resolve_block_form(None, 4, 'gpu') == form(True, 4)
-  assert kernels.resolve_block_form(True, 0, 'cpu') == form(True, 0)
-  assert kernels.resolve_block_form(False, 0, 'cpu') == form(False, 0)
 
 
 @pytest.mark.parametrize('name', ['conv1x1', 'conv3x3'])

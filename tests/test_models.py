@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import cpu_family, memory
+from densenet_jax import memory, platform
 from densenet_jax import model as model_lib
-from densenet_jax import xla_flags
-from densenet_jax.model import dropout_masks, kernels
+from densenet_jax.model import kernels
+from densenet_jax.platform import cpu_family, xla_flags
 from densenet_jax.summary import count_params, summarize
 
 # Exact counts of ../shared/paper.md (1000 classes for ImageNet models, 10 for CIFAR models).
@@ -229,9 +229,9 @@ def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem(monkeypatc
     jax.eval_shape(lambda: model.apply(variables, x, train=True, mutable=['batch_stats']))
 
   # Count the dropout sites: every dense-layer conv (2 per bottleneck layer) and the transitions; each draws its
-  # mask with one kernels.keep_mask call.
-  sites, keep_mask = [], kernels.keep_mask
-  monkeypatch.setattr(kernels, 'keep_mask', lambda *args: sites.append(args) or keep_mask(*args))
+  # mask with one call of the model's mask drawer.
+  sites, keep_mask = [], kernels.DROPOUT_MASKS[model.dropout_masks]
+  monkeypatch.setitem(kernels.DROPOUT_MASKS, model.dropout_masks, lambda *args: sites.append(args) or keep_mask(*args))
   jax.eval_shape(lambda: model.apply(variables, x, train=True, mutable=['batch_stats'],
                                      rngs={'dropout': jax.random.key(0)}))
   num_layers = sum(model.block_sizes)
@@ -239,7 +239,8 @@ def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem(monkeypatc
 
   # A backward pass that recomputes each layer (memory_efficient) reads the forward pass's masks: drawing them with
   # JAX's own code (one random_bits each), the gradient's program draws each mask once in every form.
-  monkeypatch.setattr(kernels, 'keep_mask', dropout_masks.jax_keep_mask)
+  monkeypatch.undo()
+  assert model.dropout_masks == 'jax'
 
   def loss(params, model):
     logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
@@ -315,9 +316,9 @@ def test_memory_efficient_needs_at_most_half_the_activation_memory():
 
 
 def test_memory_efficient_is_known_to_need_the_flag_on_cpu_only(monkeypatch):
-  monkeypatch.setenv('XLA_FLAGS', '')  # As if the process had started without cli.prepare_environment().
-  assert not memory.remat_is_effective('cpu')
-  assert memory.remat_is_effective('gpu') and memory.remat_is_effective('tpu')
+  monkeypatch.setenv('XLA_FLAGS', '')  # As if the process had started without platform.prepare_environment().
+  assert not platform.remat_is_effective('cpu')
+  assert platform.remat_is_effective('gpu') and platform.remat_is_effective('tpu')
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -94,7 +94,7 @@ def test_scanned_blocks_drop_what_the_unrolled_model_drops(bottleneck):
 def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
   # With dropout, against JAX's own differentiation of the same scanned forward pass.
   layer = dense_layer.LayerSpec(growth_rate=3, bottleneck=bottleneck, dropout_rate=0.3, dtype=jnp.float32,
-                                kernels=kernels.resolve(None))
+                                kernels=kernels.CPU)
   spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, layers_per_scan=2, layer=layer)
   x = 1.0 + jax.random.normal(jax.random.key(0), (4, 6, 6, spec.input_channels))
   block = model_lib.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)
@@ -125,10 +125,11 @@ def test_hand_written_backward_equals_autodiff_of_the_same_forward(bottleneck):
 @pytest.mark.parametrize('bottleneck', [True, False])
 def test_the_backward_pass_reads_the_masks_the_forward_pass_drew(bottleneck, monkeypatch):
   drawn = []
-  draw = kernels.keep_mask
-  monkeypatch.setattr(kernels, 'keep_mask', lambda key, keep, shape: drawn.append(shape) or draw(key, keep, shape))
+  draw = kernels.DROPOUT_MASKS['jax']
+  monkeypatch.setitem(kernels.DROPOUT_MASKS, 'jax',
+                      lambda key, keep, shape: drawn.append(shape) or draw(key, keep, shape))
   layer = dense_layer.LayerSpec(growth_rate=3, bottleneck=bottleneck, dropout_rate=0.3, dtype=jnp.float32,
-                                kernels=kernels.resolve(None))
+                                kernels=kernels.XLA)
   spec = scanned_block.BlockSpec(input_channels=5, num_layers=5, layers_per_scan=2, layer=layer)
   x = jnp.ones((2, 4, 4, spec.input_channels))
   block = model_lib.DenseBlock(num_layers=spec.num_layers, growth_rate=spec.growth_rate, bottleneck=bottleneck)

@@ -6,8 +6,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import memory
-from densenet_jax import xla_flags
+from densenet_jax import platform
+from densenet_jax.platform import xla_flags
 
 installed = importlib.metadata.version('jaxlib')
 
@@ -62,4 +62,4 @@ def test_the_tests_compile_convolutions_as_the_entry_points_do():
 
 def test_the_tests_run_with_the_entry_points_flags():
   # conftest.py sets them as train.py does, so that memory_efficient=True really rematerializes in tests.
-  assert memory.remat_is_effective('cpu')
+  assert platform.remat_is_effective('cpu')

@@ -132,7 +132,9 @@ def export(model: model_lib.DenseNet, variables: Any, output: str, *, spec: Imag
   unknown = set(formats) - set(FORMATS)
   if unknown or not formats:
     raise ValueError(f'Unknown export formats {sorted(unknown)}; choose among {", ".join(FORMATS)}.')
-  model = model.clone(kernels='xla', memory_efficient=False, layers_per_scan=0, dtype=jnp.float32)
+  # The portable form: XLA's own operations, every layer written out (the same function as any other form).
+  model = model.clone(kernels='xla', memory_efficient=False, layers_per_scan=0, dropout_masks='jax',
+                      dtype=jnp.float32)
   variables = jax.tree.map(jnp.asarray, {k: v for k, v in variables.items() if k in ('params', 'batch_stats')})
   os.makedirs(output, exist_ok=True)
   dtype = _input_dtype(with_preprocessing)

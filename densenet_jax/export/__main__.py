@@ -7,9 +7,9 @@ project's code and checks its logits against JAX's on random images (--verify, o
 absolute difference <= --tolerance).
 """
 
-from densenet_jax import cli
+from densenet_jax import platform
 
-cli.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
+platform.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -18,7 +18,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from densenet_jax import export as export_lib  # noqa: E402
+from densenet_jax import cli, export as export_lib  # noqa: E402
 from densenet_jax import inference  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -1,4 +1,4 @@
-"""DenseNet models in Flax: jax, flax and numpy only (no TensorFlow, optax or orbax; no environment reads).
+"""DenseNet models in Flax: jax, flax and numpy only (no TensorFlow, optax or orbax; nothing read of the machine).
 
     from densenet_jax.model import create_model
     model = create_model('densenet121', num_classes=1000)
@@ -9,6 +9,7 @@ kernels.py how convolutions and dense blocks run on each backend, scanned_block.
 
 from densenet_jax.model.densenet import DenseBlock, DenseLayer, DenseNet, Transition
 from densenet_jax.model.registry import (
+    FORM_FIELDS,
     MODELS,
     WeightMismatchError,
     abstract_variables,
@@ -22,6 +23,7 @@ from densenet_jax.model.registry import (
 )
 
 __all__ = [
+    'FORM_FIELDS',
     'MODELS',
     'DenseBlock',
     'DenseLayer',

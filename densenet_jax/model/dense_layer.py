@@ -39,6 +39,7 @@ class LayerSpec:
   kernels: kernel_sets.Kernels
   epsilon: float = layers.BATCH_NORM_EPSILON
   batch_norm_group_size: int | None = None  # examples per BatchNorm statistics group; None: the whole batch
+  dropout_masks: str = 'jax'  # how keep masks are drawn: a name of kernels.DROPOUT_MASKS (the same bits)
 
   @property
   def bottom_channels(self) -> int:
@@ -55,9 +56,9 @@ def dropout(x: Array, rate: float, mask: Array | None, kernels: kernel_sets.Kern
   return jnp.where(keep, kernels.dropout_input(x) / (1.0 - rate), jnp.zeros_like(x))
 
 
-def keep_mask(key: Array | None, rate: float, shape: tuple[int, ...]) -> Array | None:
-  """The keep mask of a dropout of `rate` on an array of `shape`, drawn from `key` and packed eight values to a
-  byte (`dropout_masks.pack`); None without a key.
+def keep_mask(key: Array | None, rate: float, shape: tuple[int, ...], draw: str = 'jax') -> Array | None:
+  """The keep mask of a dropout of `rate` on an array of `shape`, drawn from `key` by `kernels.DROPOUT_MASKS[draw]`
+  and packed eight values to a byte (`dropout_masks.pack`); None without a key.
 
   Packed, a mask is drawn once, by the kernel that packs it: XLA fuses a mask's elementwise code into each of its
   consumers, so a mask used in the forward and the backward pass would otherwise be drawn in both. A backward
@@ -65,7 +66,8 @@ def keep_mask(key: Array | None, rate: float, shape: tuple[int, ...]) -> Array |
   """
   if key is None or rate == 0.0:
     return None
-  return checkpoint_name(dropout_masks.pack(kernel_sets.keep_mask(key, 1.0 - rate, shape)), DROPOUT_MASK)
+  mask = kernel_sets.DROPOUT_MASKS[draw](key, 1.0 - rate, shape)
+  return checkpoint_name(dropout_masks.pack(mask), DROPOUT_MASK)
 
 
 def layer_keep_masks(spec: LayerSpec, key: Array | None, batch_shape: tuple[int, ...]):
@@ -75,8 +77,9 @@ def layer_keep_masks(spec: LayerSpec, key: Array | None, batch_shape: tuple[int,
   if key is None or spec.dropout_rate == 0.0:
     return None, None
   bottom_key, top_key = jax.random.split(key)
-  bottom = keep_mask(bottom_key, spec.dropout_rate, (*batch_shape, spec.bottom_channels))
-  top = keep_mask(top_key, spec.dropout_rate, (*batch_shape, spec.growth_rate)) if spec.bottleneck else None
+  bottom = keep_mask(bottom_key, spec.dropout_rate, (*batch_shape, spec.bottom_channels), spec.dropout_masks)
+  top = (keep_mask(top_key, spec.dropout_rate, (*batch_shape, spec.growth_rate), spec.dropout_masks)
+         if spec.bottleneck else None)
   return bottom, top
 
 

@@ -10,7 +10,7 @@
 
 Images are NHWC. `memory_efficient=True` recomputes concat -> BN -> ReLU -> first conv of every dense layer in the
 backward pass (Pleiss et al., 2017), so the activations kept for the backward pass grow linearly, not
-quadratically, with depth. How the convolutions are written for the compiler is chosen in kernels.py.
+quadratically, with depth. How the convolutions are written for the compiler is a named set of kernels.py.
 """
 
 from __future__ import annotations
@@ -140,11 +140,13 @@ class DenseBlock(_Module):
   dropout_rate: float = 0.0
   memory_efficient: bool = False
   layers_per_scan: int = 0
-  kernels: str | None = None
+  kernels: str = 'xla'
+  dropout_masks: str = 'jax'
 
   def layer_spec(self) -> LayerSpec:
     return LayerSpec(self.growth_rate, self.bottleneck, self.dropout_rate, self.dtype,
-                     kernel_sets.resolve(self.kernels), batch_norm_group_size=self.batch_norm_group_size)
+                     kernel_sets.resolve(self.kernels), batch_norm_group_size=self.batch_norm_group_size,
+                     dropout_masks=self.dropout_masks)
 
   def layer_keys(self, train: bool) -> list[Array | None]:
     """One dropout key per layer, split from one block key: the same in the unrolled and scanned forms."""
@@ -195,7 +197,8 @@ class Transition(_Module):
 
   out_channels: int = 0
   dropout_rate: float = 0.0
-  kernels: str | None = None
+  kernels: str = 'xla'
+  dropout_masks: str = 'jax'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -204,7 +207,7 @@ class Transition(_Module):
     x = self.norm_relu([x], train, 'norm')
     if self.dropout_rate:
       x = kernels.conv1x1(x, kernel)
-      keep = keep_mask(self.make_rng('dropout'), self.dropout_rate, x.shape) if train else None
+      keep = keep_mask(self.make_rng('dropout'), self.dropout_rate, x.shape, self.dropout_masks) if train else None
       return nn.avg_pool(dropout(x, self.dropout_rate, keep, kernels), (2, 2), strides=(2, 2))
     # A 1x1 convolution and average pooling commute: pooling first does a quarter of the work.
     return kernels.conv1x1(nn.avg_pool(x, (2, 2), strides=(2, 2)), kernel)
@@ -230,10 +233,12 @@ class DenseNet(_Module):
       jax.lax.scan, each layer reading its group's widest input through zero-padded parameters
       (scanned_block.py): the same function and variables, far less to compile. Needs memory_efficient=True,
       whose memory it keeps by construction.
-      None for either of the two: the default form of the backend the model runs on (kernels.py,
-      `resolve_block_form`; on CPUs measured per CPU family). Every form computes the same function.
-    kernels: how convolutions are written for the compiler (kernels.py): 'xla', 'cpu', or None for the
-      default of the backend the model runs on. Every choice computes the same function.
+    kernels: how convolutions and max pooling are written for the compiler (kernels.py): 'xla' or 'cpu'.
+    dropout_masks: how dropout's keep masks are drawn (kernels.DROPOUT_MASKS): 'jax' or 'elementwise', the same
+      bits.
+      The four form attributes above compute the same function with the same variables; the model takes them as
+      given and reads nothing of the machine. densenet_jax.platform.choose picks the fastest measured on a
+      backend.
     batch_norm_group_size: examples per BatchNorm statistics group in training: the batch is split into
       consecutive groups of this many examples, each normalized with its own statistics (per-device BatchNorm
       when it is the per-device batch; the groups are reduced only over the devices that hold them). The running
@@ -250,9 +255,10 @@ class DenseNet(_Module):
   bottleneck: bool = True
   compression: float = 0.5
   dropout_rate: float = 0.0
-  memory_efficient: bool | None = None
-  layers_per_scan: int | None = None
-  kernels: str | None = None
+  memory_efficient: bool = False
+  layers_per_scan: int = 0
+  kernels: str = 'xla'
+  dropout_masks: str = 'jax'
   input_channels: int = 3
 
   @property
@@ -273,20 +279,25 @@ class DenseNet(_Module):
       names += [f'block{b}'] + ([f'transition{b}'] if b < len(self.block_sizes) else [])
     return tuple(names)
 
-  def block_form(self) -> kernel_sets.BlockForm:
-    """How the dense blocks are computed on the backend JAX computes on (the options, or its defaults)."""
-    return kernel_sets.resolve_block_form(self.memory_efficient, self.layers_per_scan)
-
   def _check_options(self) -> None:
-    if not kernel_sets.block_options_exist(self.memory_efficient, self.layers_per_scan):
+    unset = [name for name in ('memory_efficient', 'layers_per_scan', 'kernels', 'dropout_masks')
+             if getattr(self, name) is None]
+    if unset:
+      raise ValueError(
+          f'DenseNet takes explicit values for {", ".join(unset)}, got None: the model reads nothing of the '
+          'machine. Pass them, e.g. `**densenet_jax.platform.choose(config, jax.default_backend()).model_options()`, '
+          "or leave the defaults (kernels='xla', memory_efficient=False, layers_per_scan=0, dropout_masks='jax')."
+      )
+    if self.layers_per_scan < 0 or (self.layers_per_scan > 0 and not self.memory_efficient):
       raise ValueError(
           f'layers_per_scan={self.layers_per_scan}: use 0 (every dense layer written out) or a positive number of '
           'layers per scan together with memory_efficient=True (a scanned block keeps only what '
           "memory_efficient keeps: it has no variant that stores every layer's input)."
       )
-    if self.kernels is not None and self.kernels not in kernel_sets.KERNELS:
-      raise ValueError(f'kernels={self.kernels!r}: use one of {", ".join(kernel_sets.KERNELS)}, or None for the '
-                       "backend's default.")
+    if self.kernels not in kernel_sets.KERNELS:
+      raise ValueError(f'kernels={self.kernels!r}: use one of {", ".join(kernel_sets.KERNELS)}.')
+    if self.dropout_masks not in kernel_sets.DROPOUT_MASKS:
+      raise ValueError(f'dropout_masks={self.dropout_masks!r}: use one of {", ".join(kernel_sets.DROPOUT_MASKS)}.')
 
   def _check_input(self, x: Array) -> None:
     expected = f'(batch, height, width, {self.input_channels})'
@@ -317,7 +328,6 @@ class DenseNet(_Module):
     """
     self._check_input(x)
     self._check_options()
-    form = self.block_form()
     x = jnp.asarray(x, self.dtype)
     shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, batch_norm_group_size=self.batch_norm_group_size)
     stages = {}
@@ -336,14 +346,15 @@ class DenseNet(_Module):
     for b, num_layers in enumerate(self.block_sizes):
       x = DenseBlock(
           num_layers=num_layers, growth_rate=self.growth_rate, bottleneck=self.bottleneck,
-          dropout_rate=self.dropout_rate, memory_efficient=form.memory_efficient,
-          layers_per_scan=form.layers_per_scan, kernels=self.kernels, name=f'block{b + 1}', **shared,
+          dropout_rate=self.dropout_rate, memory_efficient=self.memory_efficient,
+          layers_per_scan=self.layers_per_scan, kernels=self.kernels, dropout_masks=self.dropout_masks,
+          name=f'block{b + 1}', **shared,
       )(x, train)
       stages[f'block{b + 1}'] = x
       if b + 1 < len(self.block_sizes):
         x = Transition(out_channels=int(math.floor(self.compression * x.shape[-1])),
-                       dropout_rate=self.dropout_rate, kernels=self.kernels, name=f'transition{b + 1}',
-                       **shared)(x, train)
+                       dropout_rate=self.dropout_rate, kernels=self.kernels, dropout_masks=self.dropout_masks,
+                       name=f'transition{b + 1}', **shared)(x, train)
         stages[f'transition{b + 1}'] = x
 
     x = self.norm_relu([x], train, 'final_norm')

@@ -1,4 +1,4 @@
-"""How the model's convolutions and dense blocks run on each backend: the one place that chooses per backend.
+"""How the model's convolutions, max pooling and dropout masks are written for the compiler: named sets, one function.
 
 The model computes one function. A `Kernels` set says how five of its operations are written for the compiler:
 
@@ -12,26 +12,12 @@ The model computes one function. A `Kernels` set says how five of its operations
 the 1x1 convolution as the matrix product it is, the 3x3 convolution with its gradients spelled as an NHWC/HWIO
 convolution and a matrix product (XLA:CPU does not rewrite autodiff's layouts inside loop bodies), an optimization
 barrier that makes each feature map's gradient one sum instead of one fused into every consumer, and max pooling
-and its gradient as elementwise code. They were measured on CPU only, and they win on some CPU families and not
-others, so the CPU default is looked up per family (densenet_jax/cpu_family.py, docs/performance.md); no other
-backend gets them by default.
+and its gradient as elementwise code. They were measured on CPU only (docs/performance.md).
 
-`DenseNet(kernels=None)` resolves to `default_kernels(jax.default_backend())` when the model is traced; pass
-'xla' or 'cpu' to choose. tests/test_kernels.py checks that every set computes the same logits, gradients and
-running statistics.
-
-A `BlockForm` says how dense blocks are computed: layers written out or scanned (`layers_per_scan`), keeping or
-recomputing each layer's normalized input (`memory_efficient`). Every form computes the same function with the
-same variables (tests/test_scanned_block.py, tests/test_models.py); they differ in speed, memory and compile
-time. `DenseNet(memory_efficient=None, layers_per_scan=None)` takes the backend's default form
-(`resolve_block_form`): on the CPU, per CPU family, the fastest form measured there; elsewhere layers written
-out, which GPUs and TPUs were not measured against.
-
-`keep_mask` draws dropout's masks, the same bits on every backend: on the CPU with the faster code measured there,
-elsewhere with JAX's own.
-
-`run_once` compiles a program that runs once, such as the variables' initialization, with the backend's options
-for such code: there compile time matters, not speed.
+The model takes a set by name (`DenseNet(kernels='xla' | 'cpu')`); densenet_jax/platform chooses one per run from
+the backend and, on CPUs, the CPU family. tests/test_kernels.py checks that every set computes the same logits,
+gradients and running statistics. `DROPOUT_MASKS` are the two ways of drawing dropout's keep masks, likewise chosen
+by name.
 """
 
 from __future__ import annotations
@@ -39,12 +25,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import cpu_family
 from densenet_jax.model import dropout_masks
 
 Array = jax.Array
@@ -140,7 +124,7 @@ def gradient_barrier(x: Array) -> Array:
   A dense layer's output gradient sums the contributions of every later layer of its block. XLA:CPU fuses that sum
   into each consumer (the 3x3 convolution's input and kernel gradients, the batch moments' gradient) and so
   computes it once per consumer; an optimization barrier on the gradient makes it one sum, written once. XLA:CPU
-  keeps the barrier only without its cse_barrier_expander pass (densenet_jax/xla_flags.py).
+  keeps the barrier only without its cse_barrier_expander pass (densenet_jax/platform/xla_flags.py).
   """
   return x
 
@@ -241,90 +225,15 @@ CPU = Kernels('cpu', conv1x1=matmul_conv1x1, conv3x3=nhwc_conv3x3, new_feature=g
 KERNELS = {kernels.name: kernels for kernels in (XLA, CPU)}
 
 
-def default_kernels(backend: str, family: str | None = None) -> str:
-  """The name of the kernel set used on `backend` ('cpu', 'gpu', 'tpu', ...) unless a model names one.
-
-  Only the CPU has a measured default, per CPU family (`family`, default: this host's; densenet_jax/cpu_family.py).
-  Other backends, and CPU families without a measurement, get XLA's own operations.
-  """
-  if backend != 'cpu':
-    return XLA.name
-  return cpu_family.defaults(family or cpu_family.host()).kernels
+# How dropout draws its keep masks: the same bits either way (tests/test_dropout_masks.py). 'elementwise' writes
+# JAX's Threefry rounds out as code XLA fuses into one kernel, which XLA:CPU runs and compiles many times faster
+# than its loop of passes (docs/performance.md, "Dropout").
+DROPOUT_MASKS = {'jax': dropout_masks.jax_keep_mask, 'elementwise': dropout_masks.threefry_keep_mask}
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockForm:
-  """How every dense block of a model is computed; every form computes the same function."""
-
-  memory_efficient: bool  # Recompute each layer's normalized input in the backward pass instead of keeping it.
-  layers_per_scan: int  # 0: every layer written out; n > 0: n layers at a time under jax.lax.scan.
-
-
-def block_options_exist(memory_efficient: bool | None, layers_per_scan: int | None) -> bool:
-  """Whether the two options name a form: layers_per_scan unset, 0, or n > 0 without memory_efficient=False
-  (a scanned block exists only in the memory-efficient form)."""
-  if layers_per_scan is None or layers_per_scan == 0:
-    return True
-  return layers_per_scan > 0 and memory_efficient is not False
-
-
-def default_block_form(backend: str, family: str | None = None) -> BlockForm:
-  """The block form used on `backend` unless a model names one: per CPU family on the CPU, else unrolled."""
-  if backend != 'cpu':
-    return BlockForm(memory_efficient=False, layers_per_scan=0)
-  defaults = cpu_family.defaults(family or cpu_family.host())
-  return BlockForm(defaults.memory_efficient, defaults.layers_per_scan)
-
-
-def resolve_block_form(memory_efficient: bool | None, layers_per_scan: int | None,
-                       backend: str | None = None) -> BlockForm:
-  """The form a model computes with; None leaves an option to `backend` (default: the one JAX computes on).
-
-  An option given wins; the other follows it: layers_per_scan=n > 0 implies memory_efficient, and
-  memory_efficient=False implies unrolled blocks (a scanned block exists only in the memory-efficient form).
-  """
-  if memory_efficient is not None and layers_per_scan is not None:
-    return BlockForm(memory_efficient, layers_per_scan)
-  default = default_block_form(backend or jax.default_backend())
-  if layers_per_scan is not None:
-    return BlockForm(layers_per_scan > 0 or default.memory_efficient, layers_per_scan)
-  if memory_efficient is None:
-    return default
-  # memory_efficient given: scanned only where the default form is the memory-efficient, scanned one.
-  return BlockForm(memory_efficient, default.layers_per_scan if memory_efficient and default.memory_efficient else 0)
-
-
-# Compile options, per backend, for programs that run once, such as initializing a model's variables. At its
-# default LLVM optimization level XLA:CPU spends seconds on each parameter shape's random-number kernels; level 1
-# compiles them many times faster, and is the lowest that gives the same values on AMD's AVX2 CPUs, within 2 ulp
-# on AVX-512 ones, where the default compile vectorizes some shapes' code differently (docs/performance.md,
-# "Compile time of the initialization"). Other backends were not measured and keep their defaults.
-_RUN_ONCE_OPTIONS = {'cpu': {'xla_backend_optimization_level': 1}}
-
-
-def run_once(function: Callable, *args: Any) -> Any:
-  """`function(*args)` for a `jax.jit`-wrapped function that runs once: compiled with the options of
-  `_RUN_ONCE_OPTIONS` for the backend JAX computes on (compile time matters there, not speed)."""
-  options = _RUN_ONCE_OPTIONS.get(jax.default_backend())
-  return function.lower(*args).compile(compiler_options=options)(*args)
-
-
-# How dropout draws its keep masks, per backend. JAX lowers threefry on the CPU as a loop of passes over each mask,
-# compiled again at every dropout site; the same masks written out as one kernel run and compile many times faster
-# there (docs/performance.md, "Dropout"). Other backends were not measured and keep JAX's own.
-_KEEP_MASKS = {'cpu': dropout_masks.threefry_keep_mask}
-
-
-def keep_mask(key: Array, keep_probability: float, shape: tuple[int, ...]) -> Array:
-  """Dropout's keep mask: `jax.random.bernoulli(key, keep_probability, shape)`, the same bits on every backend,
-  drawn by the code chosen in `_KEEP_MASKS` for the backend JAX computes on."""
-  draw = _KEEP_MASKS.get(jax.default_backend(), dropout_masks.jax_keep_mask)
-  return draw(key, keep_probability, shape)
-
-
-def resolve(name: str | None) -> Kernels:
-  """The kernel set called `name`; None: the default of the backend JAX computes on."""
-  name = default_kernels(jax.default_backend()) if name is None else name
+def resolve(name: str) -> Kernels:
+  """The kernel set called `name`."""
   if name not in KERNELS:
-    raise ValueError(f'Unknown kernels {name!r}; choose one of {", ".join(KERNELS)} or None (per backend).')
+    raise ValueError(f'Unknown kernels {name!r}; choose one of {", ".join(KERNELS)} (densenet_jax.platform.choose '
+                     'picks the one measured fastest on a backend).')
   return KERNELS[name]

@@ -23,10 +23,11 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.model.densenet import DenseNet, dense_kernel_init
 
 COLLECTIONS = ('params', 'batch_stats')
+# The DenseNet attributes (and config fields) that choose how, not what, the model computes.
+FORM_FIELDS = ('kernels', 'memory_efficient', 'layers_per_scan', 'dropout_masks')
 _SHOWN_KEYS = 20  # names listed per category in an error message; the exception holds them all
 
 
@@ -116,13 +117,14 @@ def create_model(name: str, *, num_classes: int, **overrides) -> DenseNet:
 
 def from_config(config: Any, *, num_classes: int, input_channels: int, **overrides) -> DenseNet:
   """The DenseNet a training config describes: `config.model` names a registry model, or 'cifar_densenet' with
-  `config.architecture` (depth, growth_rate, bottleneck, compression). `overrides` win over the config."""
+  `config.architecture` (depth, growth_rate, bottleneck, compression). `overrides` win over the config.
+
+  The config's form fields (FORM_FIELDS) must be concrete by now: an entry point fills them in with
+  densenet_jax.platform.choose, once, before it builds the model."""
   options = dict(
       num_classes=num_classes,
       dropout_rate=config.dropout_rate,
-      memory_efficient=config.memory_efficient,
-      layers_per_scan=config.layers_per_scan,
-      kernels=config.get('kernels'),
+      **{field: config.get(field) for field in FORM_FIELDS},
       batch_norm_group_size=config.get('batch_norm_group_size'),
       dtype=jnp.dtype(config.dtype),
       input_channels=input_channels,
@@ -140,12 +142,16 @@ def describe(model: DenseNet) -> str:
           f'{model.num_classes} classes')
 
 
-def init_variables(module: nn.Module, rng: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
-  """`module.init(rng, *args, **kwargs)` compiled as a program that runs once (`kernels.run_once`): on the CPU
-  in seconds instead of minutes for a deep DenseNet, with jax.jit(module.init)'s values (docs/performance.md,
-  "Compile time of the initialization", says where bit for bit). `args` are arrays (the example
-  inputs); options such as `train=False` go in `kwargs`, which are not traced."""
-  return kernel_sets.run_once(jax.jit(functools.partial(module.init, **kwargs)), rng, *args)
+def init_variables(module: nn.Module, rng: jax.Array, *args: Any, compiler_options: dict[str, Any] | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
+  """`module.init(rng, *args, **kwargs)`, jit-compiled with XLA `compiler_options` (None: XLA's defaults).
+
+  `densenet_jax.platform.run_once_options(backend)` gives the options for a program that runs once: on the CPU they
+  initialize a deep DenseNet in seconds instead of minutes, with jax.jit(module.init)'s values (docs/performance.md,
+  "Compile time of the initialization", says where bit for bit). `args` are arrays (the example inputs); options
+  such as `train=False` go in `kwargs`, which are not traced."""
+  init = jax.jit(functools.partial(module.init, **kwargs))
+  return init.lower(rng, *args).compile(compiler_options=compiler_options)(rng, *args)
 
 
 def abstract_variables(model: DenseNet) -> dict[str, Any]:

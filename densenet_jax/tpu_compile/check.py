@@ -1,9 +1,9 @@
 """Compiles a config's train and eval steps for a TPU topology with compile-only devices, and reads the result.
 
-The steps are compiled as loop.py compiles them: the model of `model.from_config` (with kernels='xla' and the TPU's
-block form, since in a deviceless session jax.default_backend() is 'cpu' and would pick the CPU's), the optimizer of
-`optim.from_config`, the state replicated and the batch sharded over a 1-D 'data' mesh of every device of every
-host, the state donated. libtpu compiles multi-host and multislice programs from this one process.
+The steps are compiled as loop.py compiles them: the model of `model.from_config` in the form densenet_jax.platform
+chooses for the TPU (in a deviceless session jax.default_backend() is 'cpu', whose form it must not take), the
+optimizer of `optim.from_config`, the state replicated and the batch sharded over a 1-D 'data' mesh of every device
+of every host, the state donated. libtpu compiles multi-host and multislice programs from this one process.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
+from densenet_jax import platform
 from densenet_jax.data import pipeline
-from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.tpu_compile import hlo, specs
 from densenet_jax.training import optim, parallel, steps
 
@@ -75,10 +75,9 @@ def compile_steps(config: ml_collections.ConfigDict, devices, which=('train', 'e
   config_lib.validate(config)
   info = pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
   config_lib.validate_against_data(config, info, len(devices))
-  form = kernel_sets.resolve_block_form(config.memory_efficient, config.layers_per_scan, backend='tpu')
+  form = platform.choose(config, 'tpu')
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1],
-                                kernels='xla', memory_efficient=form.memory_efficient,
-                                layers_per_scan=form.layers_per_scan)
+                                **form.model_options())
   learning_rate_fn, tx = optim.from_config(config, info.num_train_examples // config.batch_size)
 
   mesh = parallel.create_mesh(devices)

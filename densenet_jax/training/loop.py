@@ -23,9 +23,8 @@ from absl import logging
 from densenet_jax import config as config_lib
 from densenet_jax import cloud
 from densenet_jax import model as model_lib
-from densenet_jax import storage
+from densenet_jax import platform, storage
 from densenet_jax.data import pipeline
-from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
 from densenet_jax.training import workdir as workdir_lib
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
@@ -144,6 +143,10 @@ def _check_buckets(*named_paths: tuple[str, str | None]) -> None:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   use_compilation_cache(config.compilation_cache_dir)
+  backend = jax.default_backend()
+  config = workdir_lib.with_form(config, backend, workdir_lib.recorded_config(workdir))
+  logging.info('Computing on %s with %s.', backend,
+               ', '.join(f'{field}={config[field]!r}' for field in platform.FORM_FIELDS))
   workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
 
   mesh = parallel.create_mesh()
@@ -160,10 +163,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   replicated = parallel.replicated(mesh)
   # One sharding for every leaf; traced once, not once more by jax.eval_shape for a per-leaf tree.
-  state = kernel_sets.run_once(jax.jit(
-      functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx),
-      out_shardings=replicated,
-  ), init_rng)
+  create_state = jax.jit(functools.partial(create_train_state, model=model, image_shape=info.image_shape, tx=tx),
+                         out_shardings=replicated)
+  state = create_state.lower(init_rng).compile(compiler_options=platform.run_once_options(backend))(init_rng)
   state_sharding = jax.tree.map(lambda _: replicated, state)
 
   checkpointer = checkpoints.Checkpointer(

@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -27,7 +28,7 @@ from flax import traverse_util
 
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
-from densenet_jax import storage
+from densenet_jax import platform, storage
 from densenet_jax.training import checkpoints
 
 CONFIG_FILE = 'config.json'
@@ -41,10 +42,10 @@ IMAGENET_CLASSES = 1000
 # Fields that do not change what a run computes: a resumed run may change them.
 COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir',
                              'checkpoint_every_epochs', 'eval_every_epochs'})
-# Fields that choose how the same model is computed (densenet_jax/model/kernels.py): a resumed run may change
-# them too, e.g. on a machine whose default form differs; it then continues the same training, equal to an
-# uninterrupted run up to float rounding rather than bit for bit.
-FORM_FIELDS = frozenset({'memory_efficient', 'layers_per_scan', 'kernels'})
+# Fields that choose how the same model is computed (densenet_jax.platform): config.json records the form a run
+# chose, and a resumed run reuses it unless its config sets another, which then continues the same training, equal
+# to an uninterrupted run up to float rounding rather than bit for bit.
+FORM_FIELDS = frozenset(platform.FORM_FIELDS)
 
 
 class DiskFullError(RuntimeError):
@@ -100,6 +101,25 @@ def _read_json(path: str) -> dict:
         f'{path} is not a valid config ({error}). It records the config of the run in that workdir: restore it '
         f'from a copy, or delete it to continue the run with the config given now.') from None
   return resolved
+
+
+def with_form(config: ml_collections.ConfigDict, backend: str,
+              recorded: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A copy of `config` with concrete form fields: each one `config` sets, else the one `recorded` (a run's
+  config.json) holds, else `platform.choose`'s for `backend`. So a run keeps the form it started with."""
+  filled = config.copy_and_resolve_references()
+  for field in FORM_FIELDS:
+    if filled[field] is None and recorded and recorded.get(field) is not None:
+      filled[field] = recorded[field]
+  for field, value in platform.choose(filled, backend).model_options().items():
+    filled[field] = value
+  return filled
+
+
+def recorded_config(workdir: str) -> dict[str, Any] | None:
+  """The config.json of `workdir` as a dict, or None if it has none yet."""
+  path = f'{workdir}/{CONFIG_FILE}'
+  return _read_json(path) if storage.exists(path) else None
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bool = True) -> None:
@@ -204,17 +224,22 @@ def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, An
   """(model, variables) from a training workdir, one of its checkpoints/<step> directories, or converted weights.
 
   The architecture comes from the run's config.json or from the converted weights' metadata; the numbers of classes
-  and input channels from the weights. The model computes in float32 with the backend's default block form
-  unless `overrides` say otherwise. Raises ValueError if the weights do not fit it.
+  and input channels from the weights. The model computes in float32, in the form its run recorded (or, for
+  converted weights, the backend's, `with_form`) unless `overrides` say otherwise. Raises ValueError if the
+  weights do not fit it.
   """
   path = storage.absolute(path)
   variables = load_variables(path)
-  options = {**dict(dtype=jnp.float32, memory_efficient=None, layers_per_scan=None), **overrides}
   config_path = find_config(path)
+  config = read_config(config_path) if config_path is not None else config_lib.get_config()
+  for field in FORM_FIELDS & set(overrides):
+    config[field] = overrides[field]
+  form = {field: with_form(config, jax.default_backend())[field] for field in FORM_FIELDS}
+  options = {'dtype': jnp.float32, **overrides, **form}
   if config_path is not None:
     params = variables['params']
     model = model_lib.from_config(
-        read_config(config_path), num_classes=_kernel(params['classifier']).shape[-1],
+        config, num_classes=_kernel(params['classifier']).shape[-1],
         input_channels=_kernel(params['stem_conv']).shape[-2], **options)
   else:
     model = _model_from_metadata(path, checkpoints.read_metadata(path)).clone(**options)

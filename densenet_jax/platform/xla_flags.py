@@ -16,7 +16,7 @@ the remat below).
   steps 1.3x (DenseNet-BC L=100) and 1.5x (DenseNet-121) faster on AMD's AVX2 cores with jaxlib 0.10.2 and
   1.06x and 1.08x with jaxlib 0.12.0.1, but 0.97x and 0.89x on Intel's AVX-512 ones with jaxlib 0.10.2
   (docs/performance.md). So it is set only on the CPU families where it won
-  (densenet_jax/cpu_family.py), and, because the flag is experimental and an unknown flag in XLA_FLAGS
+  (densenet_jax/platform/cpu_family.py), and, because the flag is experimental and an unknown flag in XLA_FLAGS
   aborts the process, only for the jaxlib releases it was measured on (`CPU_CONVOLUTIONS_ON_EIGEN_JAXLIB`).
   Other backends ignore it.
 
@@ -31,7 +31,7 @@ import importlib.metadata
 import os
 from collections.abc import MutableMapping, Sequence
 
-from densenet_jax import cpu_family
+from densenet_jax.platform import cpu_family
 
 KEEP_REMAT_ON_CPU = '--xla_disable_hlo_passes=cse_barrier_expander'
 YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'

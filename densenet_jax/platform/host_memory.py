@@ -13,7 +13,7 @@ anything larger fresh pages), and a thread allocates from the arena glibc gave i
 `keep_freed_memory` also has JAX run single-device computations on the calling thread (the main thread, main
 arena) instead of dispatching them to its own threads; limiting glibc to one arena instead would serialize the
 compiler's threads on its lock. It must run before JAX creates its CPU client (its first computation), which
-`cli.prepare_environment` does for the entry points. It applies only where JAX will compute on the CPU (GPU and
+`platform.prepare_environment` does for the entry points. It applies only where JAX will compute on the CPU (GPU and
 TPU buffers are not host memory, and host-side settings were not measured there), only under glibc, and never
 where the user set glibc's allocator options (`GLIBC_TUNABLES` or a `MALLOC_*` variable): theirs win.
 """

@@ -2,9 +2,8 @@
 
 XLA:CPU's speed on DenseNet depends on which kernel library wins on the host's vector units: a choice that
 made AMD's AVX2 cores 1.3x faster made Intel's AVX-512 cores slower (docs/performance.md, "Per CPU family").
-So every CPU-specific default (the model's kernel set and block form in densenet_jax/model/kernels.py, the
-convolution flag in densenet_jax/xla_flags.py) is looked up here by family, and a family without a measurement
-gets XLA's own choices and the plain block form. The family comes from /proc/cpuinfo's vendor and
+So every CPU-specific default (the model's form that choice.py fills in, the convolution flag of xla_flags.py)
+is looked up here by family, and a family without a measurement gets XLA's own choices and the plain block form. The family comes from /proc/cpuinfo's vendor and
 instruction-set flags; reading it is the only I/O, and `from_cpuinfo` is pure so that tests can hand it any
 machine's text.
 

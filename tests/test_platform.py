@@ -1,0 +1,98 @@
+"""The machine is read in one place, above the model: densenet_jax.platform chooses, the model takes values."""
+
+import ast
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from densenet_jax import model as model_lib
+from densenet_jax import platform
+from densenet_jax.platform import cpu_family
+
+Form = platform.Form
+MODEL_PACKAGE = pathlib.Path(model_lib.__file__).parent
+
+
+def test_the_form_fields_are_the_model_attributes_the_config_sets():
+  assert platform.FORM_FIELDS == model_lib.FORM_FIELDS
+  assert all(hasattr(model_lib.DenseNet(), field) for field in platform.FORM_FIELDS)
+
+
+def test_gpus_and_tpus_get_xla_ops_and_layers_written_out_and_cpus_what_was_measured_per_family():
+  plain = Form(kernels='xla', memory_efficient=False, layers_per_scan=0, dropout_masks='jax')
+  assert platform.default_form('gpu') == platform.default_form('tpu') == plain
+  amd = platform.default_form('cpu', cpu_family.AMD_AVX2)
+  assert amd.kernels == 'cpu' and amd.memory_efficient and amd.layers_per_scan > 0
+  assert platform.default_form('cpu', cpu_family.OTHER) == Form('xla', False, 0, 'elementwise')
+  assert platform.choose({}, 'cpu') == platform.default_form('cpu', cpu_family.host())
+
+
+@pytest.mark.parametrize('given, backend, expected', [
+    (dict(memory_efficient=False), 'cpu', (False, 0)),
+    (dict(memory_efficient=True), 'gpu', (True, 0)),
+    (dict(layers_per_scan=4), 'gpu', (True, 4)),
+    (dict(memory_efficient=True, layers_per_scan=0), 'cpu', (True, 0)),
+    (dict(memory_efficient=False, layers_per_scan=0), 'cpu', (False, 0)),
+])
+def test_given_form_fields_win_and_the_others_follow_them(given, backend, expected):
+  form = platform.choose(given, backend, family=cpu_family.AMD_AVX2)
+  assert (form.memory_efficient, form.layers_per_scan) == expected
+  # memory_efficient=True alone keeps a default scan where the default is memory-efficient.
+  assert platform.choose(dict(memory_efficient=True), 'cpu', family=cpu_family.AMD_AVX2).layers_per_scan == 4
+  assert platform.choose(dict(kernels='xla'), 'cpu', family=cpu_family.AMD_AVX2).kernels == 'xla'
+
+
+def test_a_config_is_filled_in_once_and_a_recorded_form_is_kept():
+  from densenet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from densenet_jax.training import workdir  # pylint: disable=import-outside-toplevel
+  config = config_lib.get_config()
+  filled = workdir.with_form(config, 'gpu')
+  assert [filled[f] for f in platform.FORM_FIELDS] == ['xla', False, 0, 'jax']
+  assert config.kernels is None  # The config given is not changed.
+  recorded = dict(kernels='cpu', memory_efficient=True, layers_per_scan=2, dropout_masks='elementwise')
+  resumed = workdir.with_form(config, 'gpu', recorded)
+  assert [resumed[f] for f in platform.FORM_FIELDS] == ['cpu', True, 2, 'elementwise']
+  config.layers_per_scan = 0  # What the config sets wins over the record.
+  assert workdir.with_form(config, 'gpu', recorded).layers_per_scan == 0
+
+
+def test_no_module_of_the_model_reads_the_machine():
+  for path in sorted(MODEL_PACKAGE.glob('*.py')):
+    tree = ast.parse(path.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f'{node.module}.{alias.name}' for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    assert not any(name == 'os' or 'platform' in name or 'cpu_family' in name or 'xla_flags' in name
+                   for name in imported), (path.name, imported)
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not names & {'default_backend', 'get_backend', 'environ', 'getenv'}, (path.name, names)
+
+
+@pytest.mark.parametrize('name', sorted(model_lib.MODELS))
+def test_every_model_traces_without_asking_for_the_backend(name, monkeypatch):
+  def no_backend(*args, **kwargs):
+    raise AssertionError('the model asked which backend JAX computes on')
+
+  monkeypatch.setattr(jax, 'default_backend', no_backend)
+  monkeypatch.setattr(jax.extend.backend if hasattr(jax, 'extend') else jax, 'get_backend', no_backend,
+                      raising=False)
+  model = model_lib.create_model(name, num_classes=10, dropout_rate=0.2)
+  size = model.min_input_size
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  logits, _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                                      rngs={'dropout': jax.random.key(1)}), variables, images)
+  assert logits.shape == (2, 10)
+
+
+def test_the_model_refuses_an_open_form_with_a_clear_message():
+  with pytest.raises(ValueError, match='explicit values for kernels.*platform.choose'):
+    model_lib.cifar_densenet(10, 4, bottleneck=True, compression=0.5, kernels=None).init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  config = ml_collections.ConfigDict({'model': 'densenet121', 'dropout_rate': 0.0, 'dtype': 'float32',
+                                      **{field: None for field in platform.FORM_FIELDS}})
+  with pytest.raises(ValueError, match='explicit values'):
+    model_lib.from_config(config, num_classes=10, input_channels=3).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
