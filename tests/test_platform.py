@@ -1,7 +1,10 @@
 """The machine is read in one place, above the model: densenet_jax.platform chooses, the model takes values."""
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ from densenet_jax.platform import cpu_family
 
 Form = platform.Form
 MODEL_PACKAGE = pathlib.Path(model_lib.__file__).parent
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_form_fields_are_the_model_attributes_the_config_sets():
@@ -96,3 +100,14 @@ def test_the_model_refuses_an_open_form_with_a_clear_message():
                                       **{field: None for field in platform.FORM_FIELDS}})
   with pytest.raises(ValueError, match='explicit values'):
     model_lib.from_config(config, num_classes=10, input_channels=3).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_the_environment_is_prepared_before_jax_is_imported():
+  # Importing JAX sets TF_CPP_MIN_LOG_LEVEL itself, so the platform package must not import it before it has
+  # set its own default.
+  code = ('import os, sys; from densenet_jax import platform; before = "jax" in sys.modules; '
+          'platform.prepare_environment(); print(before, os.environ["TF_CPP_MIN_LOG_LEVEL"])')
+  environ = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=120)
+  assert result.stdout.split() == ['False', '2'], result.stdout + result.stderr

@@ -17,7 +17,7 @@ def prepare_environment(environ: MutableMapping[str, str] = os.environ) -> None:
   them on by default (AVX-512 with VNNI, among them) it announces them on stderr in a line that
   TF_CPP_MIN_LOG_LEVEL does not hide. Off, the input pipeline computes the same values on every CPU. The XLA
   flags of xla_flags.py are added to XLA_FLAGS. Where JAX computes on the CPU, freed host memory is kept for the
-  next step (host_memory.py).
+  next step (host_memory.py). Importing this package imports no JAX: JAX sets TF_CPP_MIN_LOG_LEVEL itself.
   """
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')

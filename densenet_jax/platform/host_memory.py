@@ -28,8 +28,6 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
-import jax
-
 # mallopt(3) parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -93,5 +91,6 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
   """
   if not (applies(environ) and set_malloc_options(KEEP_FREED)):
     return False
+  import jax  # pylint: disable=import-outside-toplevel  # Here: importing JAX sets TensorFlow's log level.
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   return True
