@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, machine_load  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
-from densenet_jax.model import kernels as kernel_sets  # noqa: E402
+from densenet_jax.model.forms import kernels as kernel_sets  # noqa: E402
 from densenet_jax.training import steps  # noqa: E402
 
 CONTENDED_EXIT_STATUS = 3  # --strict: the machine was contended, so the run measured nothing trustworthy.
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     reference = TorchRunner(args.model, torch_model, args.batch, size, args.torch_compile,
                             sweep_rounds=args.sweep_rounds, sweep_steps=args.sweep_steps,
                             thread_counts=args.torch_threads)
-  elif args.reference == 'kernels':  # The same model with another kernel set (densenet_jax/model/kernels.py).
+  elif args.reference == 'kernels':  # The same model with another kernel set (densenet_jax/model/forms/kernels.py).
     reference = JaxRunner(model.clone(kernels=args.reference_kernels), args.batch, size)
   elif args.reference == 'plain':  # What the memory-efficient form costs: the unrolled model that keeps everything.
     reference = JaxRunner(model.clone(memory_efficient=False, layers_per_scan=0), args.batch, size)

@@ -12,7 +12,7 @@ gradients:
 * `buffer`: the same layers, but the block preallocates its output (all channels it will ever have) and
   writes each new feature map into it with lax.dynamic_update_slice; layer i reads a prefix slice.
 * `library`: densenet_jax.model.DenseBlock (moments once per feature map, BatchNorm folded into the
-  ReLU, 1x1 convs as matmuls; see densenet_jax/layers.py).
+  ReLU, 1x1 convs as matmuls; see densenet_jax/model/layers.py).
 * `library_buffer`: the library's layers reading from a preallocated buffer.
 
 Needs only jax and flax. XLA flags are train.py's (densenet_jax/platform/xla_flags.py) plus whatever XLA_FLAGS
@@ -40,8 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from densenet_jax.model import dense_layer, densenet, kernels, layers  # noqa: E402
-from densenet_jax import model as model_lib  # noqa: E402
+from densenet_jax.model import layers  # noqa: E402
+from densenet_jax.model.forms import blocks, dense_layer, kernels  # noqa: E402
 
 
 class PlainLayer(nn.Module):
@@ -56,9 +56,9 @@ class PlainLayer(nn.Module):
           use_running_average=False, momentum=layers.BATCH_NORM_MOMENTUM, epsilon=layers.BATCH_NORM_EPSILON, name=name
       )
 
-    conv_init = densenet.conv_kernel_init
+    conv_init = layers.conv_kernel_init
     x = nn.relu(norm('norm1')(x))
-    x = nn.Conv(dense_layer.BOTTLENECK_WIDTH * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
+    x = nn.Conv(layers.BOTTLENECK_WIDTH * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
                 name='conv1')(x)
     x = nn.relu(norm('norm2')(x))
     return nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init,
@@ -110,7 +110,7 @@ class LibraryBlock(_Block):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     # The library's block, under a wrapper so that all four forms share one parameter tree.
-    return model_lib.DenseBlock(
+    return blocks.DenseBlock(
         num_layers=self.num_layers, growth_rate=self.growth_rate, bottleneck=True, kernels=_library_kernels(),
         name='block'
     )(x, train=True)
@@ -126,7 +126,7 @@ class LibraryBufferBlock(_Block):
                                  kernels=kernels.resolve(_library_kernels()))
     for i in range(self.num_layers):
       read_moments = layers.Moments(*(jnp.concatenate(m) for m in zip(*batch_moments)))
-      new = model_lib.DenseLayer(spec=spec, name=f'layer{i + 1}')([buffer[..., :channels]], [read_moments], True, None)
+      new = blocks.DenseLayer(spec=spec, name=f'layer{i + 1}')([buffer[..., :channels]], [read_moments], True, None)
       buffer = _write(buffer, new, channels)
       batch_moments.append(layers.moments(new))
       channels += self.growth_rate

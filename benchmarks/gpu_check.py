@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --out DIR          # writes DIR/gpu_check.json, prints one line per result
 
-1. Every kernel set (densenet_jax/model/kernels.py) and every block form (unrolled, memory_efficient, scanned)
+1. Every kernel set (densenet_jax/model/forms/kernels.py) and every block form (unrolled, memory_efficient, scanned)
    computes the same function on the GPU: logits, gradients and running statistics of a small DenseNet-BC with
    dropout, against XLA's own kernels unrolled.
 2. DenseNet-121, bfloat16, batch 256: train img/s, compile seconds and the compiled step's temporary memory for

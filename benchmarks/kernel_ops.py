@@ -6,7 +6,7 @@
 Each side is one jit-compiled function of the operation's inputs, timed two ways: the forward pass alone, and the
 forward pass with the gradient of every input for a random cotangent (what a train step computes). The sides take
 turns, each preceded by an untimed call. Both are checked to compute the same values and gradients first. The
-defaults are DenseNet-121's shapes at batch 8 (densenet_jax/model/kernels.py names the operations).
+defaults are DenseNet-121's shapes at batch 8 (densenet_jax/model/forms/kernels.py names the operations).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from densenet_jax.model import kernels as kernel_sets  # noqa: E402
+from densenet_jax.model.forms import kernels as kernel_sets  # noqa: E402
 
 SIDES = ('xla', 'cpu')
 # Per operation: (size, channels, out_channels) of DenseNet-121's use of it; kernel width, or 0 without a kernel.

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from densenet_jax import model as model_lib
-from densenet_jax.model import dense_layer, layers
+from densenet_jax.model import layers
 
 # model_lib.py uses Flax's momentum convention (running = 0.9 * running + 0.1 * batch); PyTorch's is the complement.
 _TORCH_BN_MOMENTUM = 1.0 - layers.BATCH_NORM_MOMENTUM
@@ -55,7 +55,7 @@ class DenseLayer(nn.Module):
     self.bottleneck = bottleneck
     self.dropout_rate = dropout_rate
     self.memory_efficient = memory_efficient
-    first_out = dense_layer.BOTTLENECK_WIDTH * growth_rate if bottleneck else growth_rate
+    first_out = layers.BOTTLENECK_WIDTH * growth_rate if bottleneck else growth_rate
     self.norm1 = _norm(in_channels)
     self.relu1 = nn.ReLU(inplace=True)
     self.conv1 = _conv(in_channels, first_out, 1 if bottleneck else 3)

@@ -14,7 +14,8 @@ import json
 import ml_collections
 
 from densenet_jax import data
-from densenet_jax.model import kernels, registry
+from densenet_jax.model import registry
+from densenet_jax.model.forms import kernels
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 ARCHITECTURE_FIELDS = {'depth': int, 'growth_rate': int, 'bottleneck': bool, 'compression': float}
@@ -39,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Goyal et al. 2017 use for large batches). None: the whole global batch, the statistics of one device's run.
   config.batch_norm_group_size = ml_collections.FieldReference(None, field_type=int)
   config.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU. Parameters stay float32.
-  # How convolutions and max pooling are written for the compiler (densenet_jax/model/kernels.py): 'xla' or 'cpu'.
+  # How convolutions and max pooling are written for the compiler (densenet_jax/model/forms/kernels.py): 'xla' or 'cpu'.
   config.kernels = ml_collections.FieldReference(None, field_type=str)
   # How dropout's keep masks are drawn, the same bits either way: 'jax' or 'elementwise'.
   config.dropout_masks = ml_collections.FieldReference(None, field_type=str)
@@ -124,7 +125,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
       registry.cifar_densenet(**config.architecture.to_dict())
     except (ValueError, TypeError) as error:
-      raise ConfigError(f'config.architecture: {error}') from None
+      raise ConfigError(f'config.architecture: {error}') from 
   elif config.model not in registry.MODELS:
     raise ConfigError(
         f'config.model={config.model!r} is not a model. Use one of {", ".join(registry.MODELS)}, '

@@ -7,7 +7,7 @@ import pytest
 
 from densenet_jax import model as model_lib
 from densenet_jax import platform
-from densenet_jax.model import dropout_masks, kernels
+from densenet_jax.model.forms import dropout_masks, kernels
 
 THREEFRY = 'threefry2x32'
 

@@ -1,4 +1,6 @@
-"""Every kernel set computes the same function, and the model package stands on jax, flax and numpy alone."""
+"""Every kernel set computes the same operations, and the model package stands on jax, flax and numpy alone.
+
+Whole models in every form against densenet.py: tests/test_forms.py."""
 
 import os
 import subprocess
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from densenet_jax import model as model_lib
-from densenet_jax.model import kernels
+from densenet_jax.model.forms import kernels
 
 
 def test_kernel_sets_are_named():
@@ -60,33 +62,6 @@ def test_the_gradient_barrier_is_the_identity_with_its_gradient_kept_whole():
 def test_the_matmul_convolution_refuses_other_kernels():
   with pytest.raises(ValueError, match=r'\(1, 1, in, out\) kernel'):
     kernels.matmul_conv1x1(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
-
-
-@pytest.mark.parametrize('form', [dict(memory_efficient=False, layers_per_scan=0),
-                                  dict(memory_efficient=True, layers_per_scan=0),
-                                  dict(memory_efficient=True, layers_per_scan=2, stem='imagenet')])
-def test_every_kernel_set_computes_the_same_model(form):
-  # Logits, gradients and running statistics of a DenseNet-BC with dropout, in train and eval mode.
-  form = dict(form)
-  stem = form.pop('stem', 'cifar')
-  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, dropout_rate=0.2, **form).clone(
-      stem=stem)
-  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  variables = model_lib.init_variables(model, jax.random.key(0), images)
-
-  def run(kernel_set):
-    net = model.clone(kernels=kernel_set)
-
-    def loss(params):
-      logits, updates = net.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'],
-                                  rngs={'dropout': jax.random.key(2)})
-      return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), (logits, updates['batch_stats'])
-
-    (_, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
-    return logits, stats, grads, net.apply(variables, images)
-
-  expected, got = run('xla'), run('cpu')
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, expected)
 
 
 def test_the_model_package_imports_no_tensorflow_optax_or_orbax():

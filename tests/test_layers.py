@@ -8,6 +8,7 @@ import pytest
 
 from densenet_jax import model as model_lib
 from densenet_jax.model import layers
+from densenet_jax.model.forms import blocks
 
 
 def feature_maps(sizes=(5, 3, 3), seed=0):
@@ -26,16 +27,25 @@ class Reference(nn.Module):
 
 
 class Fast(nn.Module):
-  """layers.BatchNorm's variables and layers.batch_norm_relu, as the model uses them."""
+  """The faster forms' BatchNorm-ReLU: blocks.BatchNormVariables and blocks.batch_norm_relu."""
 
   epsilon: float = 1e-5
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features, train, batch_moments=None):
-    norm = layers.BatchNorm(sum(f.shape[-1] for f in features), name='norm')
-    return layers.batch_norm_relu(norm, features, train, epsilon=self.epsilon, dtype=self.dtype,
+    norm = blocks.BatchNormVariables(sum(f.shape[-1] for f in features), name='norm')
+    return blocks.batch_norm_relu(norm, features, train, epsilon=self.epsilon, dtype=self.dtype,
                                   batch_moments=batch_moments)
+
+
+class Readable(nn.Module):
+  """densenet.py's BatchNorm-ReLU: layers.BatchNorm."""
+
+  @nn.compact
+  def __call__(self, features, train, batch_moments=None):
+    del batch_moments  # It computes its own.
+    return nn.relu(layers.BatchNorm(name='norm')(jnp.concatenate(features, axis=-1), train))
 
 
 def unbiased_running(variables, features):
@@ -55,10 +65,10 @@ def randomized(variables, seed=1):
 
 
 @pytest.mark.parametrize('train', [True, False])
-@pytest.mark.parametrize('given_moments', [True, False])
-def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
+@pytest.mark.parametrize('given_moments, module', [(True, Fast), (False, Fast), (False, Readable)])
+def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments, module):
   features = feature_maps()
-  fast, reference = Fast(), Reference()
+  fast, reference = module(), Reference()
   variables = randomized(model_lib.init_variables(reference, jax.random.key(0), features, train=False))
   # Same variable tree: checkpoints and converted weights load into either.
   fast_variables = model_lib.init_variables(fast, jax.random.key(0), features, train=False)
@@ -66,7 +76,7 @@ def test_batch_norm_relu_matches_flax_batch_norm(train, given_moments):
   moments = [layers.moments(f) for f in features] if given_moments else None
 
   def run(module, params, features):
-    extra = dict(batch_moments=moments) if module is fast else {}
+    extra = dict(batch_moments=moments) if module is fast and moments else {}
     out, updates = module.apply({**variables, 'params': params}, features, train,
                                 mutable=['batch_stats'], **extra)
     return out, updates

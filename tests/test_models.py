@@ -15,7 +15,7 @@ import pytest
 
 from densenet_jax import memory, platform
 from densenet_jax import model as model_lib
-from densenet_jax.model import kernels
+from densenet_jax.model.forms import kernels
 from densenet_jax.platform import cpu_family, xla_flags
 from densenet_jax.summary import count_params, summarize
 
@@ -285,7 +285,7 @@ def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_
   efficient = plain.clone(memory_efficient=True)  # unrolled: layers_per_scan=0
   x, labels = images(), jnp.arange(4) % 5
   variables = init(plain, x)
-  rng = jax.random.key(7) if dropout_rate else None
+  rng = jax.random.key(7) if dropout_rate else 
   loss, grads = _loss_and_grads(plain, variables, x, labels, rng)
   loss_eff, grads_eff = _loss_and_grads(efficient, variables, x, labels, rng)
   # Same parameter tree, so checkpoints move freely between the two.

@@ -10,7 +10,7 @@ import pytest
 
 from densenet_jax import memory
 from densenet_jax import model as model_lib
-from densenet_jax.model import dense_layer, kernels, scanned_block
+from densenet_jax.model.forms import dense_layer, kernels, scanned_block
 
 
 def tiny_model(bottleneck=True, **overrides):

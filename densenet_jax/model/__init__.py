@@ -3,8 +3,8 @@
     from densenet_jax.model import create_model
     model = create_model('densenet121', num_classes=1000)
 
-densenet.py holds the architecture, registry.py the paper's models by name, layers.py BatchNorm-ReLU,
-kernels.py how convolutions and dense blocks run on each backend, scanned_block.py the scanned form of a dense block.
+densenet.py is the paper, readable (start there); layers.py its BatchNorm; registry.py the paper's models by name;
+forms/ faster forms of the same function (kernels for XLA:CPU, scanned blocks), chosen by the model's form attributes.
 """
 
 from densenet_jax.model.densenet import DenseBlock, DenseLayer, DenseNet, Transition

@@ -1,20 +1,26 @@
-"""DenseNet (Huang et al., CVPR 2017) as Flax Linen modules: read this file to learn the architecture.
+"""DenseNet (Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Networks", CVPR 2017) in Flax.
 
-* `DenseLayer`: the variables of one dense layer, and `dense_layer.dense_layer` applied to them: BN-ReLU-Conv3x3,
-  or with a bottleneck BN-ReLU-Conv1x1(4k)-BN-ReLU-Conv3x3(k). The unrolled, the rematerialized
-  (`memory_efficient`) and the scanned (`layers_per_scan`, scanned_block.py) blocks all compute that function.
-* `DenseBlock`: grows its input by `growth_rate` channels per layer with `jnp.concatenate`.
-* `Transition`: BN-ReLU-Conv1x1 with compression, then 2x2 average pooling.
-* `DenseNet`: a CIFAR stem (one 3x3 conv) or an ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool), dense
-  blocks separated by transitions, and a BN-ReLU-global-average-pool-Dense head.
+Read this file to learn the architecture; it is the paper, written with Flax's own layers:
 
-Images are NHWC. `memory_efficient=True` recomputes concat -> BN -> ReLU -> first conv of every dense layer in the
-backward pass (Pleiss et al., 2017), so the activations kept for the backward pass grow linearly, not
-quadratically, with depth. How the convolutions are written for the compiler is a named set of kernels.py.
+* `DenseLayer`: H_l = BN-ReLU-Conv3x3 producing k = `growth_rate` new channels from the concatenation
+  [x_0, ..., x_(l-1)] of every earlier feature map of its block; with a bottleneck ("B") BN-ReLU-Conv1x1(4k) first.
+* `DenseBlock`: L dense layers; its output concatenates the block input and all L new feature maps.
+* `Transition`: BN-ReLU-Conv1x1 to floor(theta * m) channels (the compression "C"), then 2x2 average pooling.
+* `DenseNet`: a stem (CIFAR: one 3x3 conv; ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max pool), dense blocks separated
+  by transitions, and BN-ReLU-global average pooling-fully connected.
+
+Images are NHWC. `memory_efficient=True` is Pleiss et al. (2017): each dense layer keeps only its bottleneck output
+for the backward pass and recomputes concat-BN-ReLU, so activation memory grows linearly with depth, not
+quadratically. layers.BatchNorm is Flax's with the original code's running variance and optional groups.
+
+This is the form GPUs and TPUs compute with. The faster forms of forms/ (kernels written for XLA:CPU, scanned
+blocks, fused dropout masks) compute the same function with the same variables, tested equal to this file
+(tests/test_forms.py); `DenseNet` hands its layers to one when its form attributes ask for it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -22,174 +28,94 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax.model import kernels as kernel_sets
-from densenet_jax.model import layers, scanned_block
-from densenet_jax.model.dense_layer import (BOTTLENECK_OUTPUT, BOTTLENECK_WIDTH, DROPOUT_MASK, LayerSpec, dense_layer,
-                                           dropout, keep_mask)
-from densenet_jax.model.layers import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, Moments
+from densenet_jax.model import forms
+from densenet_jax.model.layers import BOTTLENECK_WIDTH, BatchNorm, conv_kernel_init, dense_kernel_init
 
 Array = jax.Array
 Dtype = Any
-Params = dict[str, Any]
+
+# What memory_efficient keeps of each dense layer for the backward pass; everything else is recomputed.
+BOTTLENECK_OUTPUT, DROPOUT_MASK = 'bottleneck_output', 'dropout_mask'
 
 
-# He initialization with fan-out, from a normal distribution: N(0, sqrt(2 / (kh * kw * out_channels))).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# Torch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in the original code.
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout, as flax.linen.Dropout computes it, with a mask drawn from `key`; the identity without one."""
+  if key is None:
+    return x
+  keep = checkpoint_name(jax.random.bernoulli(key, 1.0 - rate, x.shape), DROPOUT_MASK)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-# ----------------------------------------------------------------------------------------------
-# Modules: each owns its variables and applies the functions above.
+def max_pool(x: Array) -> Array:
+  """3x3 max pooling, stride 2, padded by 1 (with -inf), as in the original code."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class _Module(nn.Module):
-  """Shared attributes and constructors, so every module builds BatchNorm and convolutions alike."""
+  """What every part of DenseNet shares: dtypes, BatchNorm grouping, and its BN-ReLU and convolutions."""
 
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   batch_norm_group_size: int | None = None
 
-  def batch_norm(self, channels: int, name: str) -> layers.BatchNorm:
-    return layers.BatchNorm(channels, BATCH_NORM_MOMENTUM, self.param_dtype, name=name)
-
-  def norm_relu(self, features: Sequence[Array], train: bool, name: str, batch_moments=None) -> Array:
+  def norm_relu(self, x: Array, train: bool, name: str) -> Array:
     # Every BatchNorm of DenseNet is followed by a ReLU.
-    norm = self.batch_norm(sum(f.shape[-1] for f in features), name)
-    return layers.batch_norm_relu(norm, features, train, epsilon=BATCH_NORM_EPSILON, dtype=self.dtype,
-                                  batch_moments=batch_moments, group_size=self.batch_norm_group_size)
+    norm = BatchNorm(group_size=self.batch_norm_group_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=name)
+    return nn.relu(norm(x, train))
 
-  def conv_kernel(self, name: str, kernel: int, in_channels: int, out_channels: int) -> Array:
-    # The variable of nn.Conv(use_bias=False): {name: {'kernel': (kh, kw, in, out)}}.
-    return ConvKernel((kernel, kernel, in_channels, out_channels), self.param_dtype, name=name)()
-
-
-class ConvKernel(nn.Module):
-  """The kernel of a bias-free convolution, under the name nn.Conv gives it; the caller convolves."""
-
-  shape: tuple[int, int, int, int]
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self) -> Array:
-    return self.param('kernel', conv_kernel_init, self.shape, self.param_dtype)
+  def conv(self, features: int, size: int, name: str, stride: int = 1) -> nn.Conv:
+    # Bias-free; padded symmetrically as in Torch ('SAME' pads differently on even input sizes).
+    return nn.Conv(features, (size, size), strides=stride, padding=size // 2, use_bias=False,
+                   kernel_init=conv_kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
 
 class DenseLayer(_Module):
-  """The variables of one dense layer (norm1, conv1, and with a bottleneck norm2, conv2) and `dense_layer`.
+  """k new channels from the concatenation of `features`: [BN-ReLU-Conv1x1(4k)-] BN-ReLU-Conv3x3(k)."""
 
-  It takes the *list* of feature maps of the block so far and, in training, their batch moments: the layer
-  normalizes and concatenates them in one pass, which `memory_efficient` recomputes in the backward pass.
-  """
-
-  spec: LayerSpec | None = None
-  memory_efficient: bool = False
+  growth_rate: int = 12
+  bottleneck: bool = False
+  dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], feature_moments: Sequence[Moments] | None, train: bool,
-               key: Array | None) -> Array:
-    spec = self.spec
-    width = sum(f.shape[-1] for f in features)
-    norm1 = self.batch_norm(width, 'norm1')
-    params = {'norm1': norm1.params()}
-    if spec.bottleneck:
-      params['conv1'] = {'kernel': self.conv_kernel('conv1', 1, width, BOTTLENECK_WIDTH * spec.growth_rate)}
-      norm2 = self.batch_norm(BOTTLENECK_WIDTH * spec.growth_rate, 'norm2')
-      params['norm2'] = norm2.params()
-      params['conv2'] = {'kernel': self.conv_kernel('conv2', 3, BOTTLENECK_WIDTH * spec.growth_rate,
-                                                    spec.growth_rate)}
-    else:
-      params['conv1'] = {'kernel': self.conv_kernel('conv1', 3, width, spec.growth_rate)}
-
-    if train:
-      stats = Moments(*(jnp.concatenate(m, axis=-1) for m in zip(*feature_moments)))
-      count = layers.examples_per_channel(features[0], self.batch_norm_group_size)
-      norm1.update(stats, count)
-      bottleneck_stats = None
-    else:
-      stats = norm1.running()
-      bottleneck_stats = norm2.running() if spec.bottleneck else None
-
-    def layer(params, features, stats, bottleneck_stats, key):
-      x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
-      return dense_layer(spec, params, x, stats, bottleneck_stats, key)
-
-    if self.memory_efficient:
-      # Keep only the bottleneck output (and the packed dropout masks) for the backward pass and recompute the
-      # normalized concatenation from the layer inputs (which the block keeps alive anyway): linear instead of
-      # quadratic memory.
-      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT,
-                                                                                          DROPOUT_MASK))
-    new, used_bottleneck_stats = layer(params, tuple(features), stats, bottleneck_stats, key)
-    if train and spec.bottleneck:
-      norm2.update(jax.tree.map(jax.lax.stop_gradient, used_bottleneck_stats), count)
-    return new
+  def __call__(self, features: Sequence[Array], train: bool, key: Array | None = None) -> Array:
+    first_key, second_key = (None, None) if key is None else jax.random.split(key)
+    x = jnp.concatenate(features, axis=-1)
+    if self.bottleneck:
+      x = self.conv(BOTTLENECK_WIDTH * self.growth_rate, 1, 'conv1')(self.norm_relu(x, train, 'norm1'))
+      x = checkpoint_name(dropout(x, self.dropout_rate, first_key), BOTTLENECK_OUTPUT)
+      return dropout(self.conv(self.growth_rate, 3, 'conv2')(self.norm_relu(x, train, 'norm2')), self.dropout_rate,
+                     second_key)
+    return dropout(self.conv(self.growth_rate, 3, 'conv1')(self.norm_relu(x, train, 'norm1')), self.dropout_rate,
+                   first_key)
 
 
 class DenseBlock(_Module):
-  """`num_layers` dense layers; the output concatenates the input and every layer's output.
-
-  With `layers_per_scan` = n > 0 the block is computed n layers at a time under `jax.lax.scan`
-  (scanned_block.py): the same variables and function, compiled once per group of n layers.
-  """
+  """`num_layers` dense layers; each reads every earlier feature map, the output concatenates them all."""
 
   num_layers: int = 6
   growth_rate: int = 12
   bottleneck: bool = False
   dropout_rate: float = 0.0
   memory_efficient: bool = False
-  layers_per_scan: int = 0
-  kernels: str = 'xla'
-  dropout_masks: str = 'jax'
-
-  def layer_spec(self) -> LayerSpec:
-    return LayerSpec(self.growth_rate, self.bottleneck, self.dropout_rate, self.dtype,
-                     kernel_sets.resolve(self.kernels), batch_norm_group_size=self.batch_norm_group_size,
-                     dropout_masks=self.dropout_masks)
-
-  def layer_keys(self, train: bool) -> list[Array | None]:
-    """One dropout key per layer, split from one block key: the same in the unrolled and scanned forms."""
-    if not train or self.dropout_rate == 0.0:
-      return [None] * self.num_layers
-    return list(jax.random.split(self.make_rng('dropout'), self.num_layers))
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    spec = self.layer_spec()
-    keys = self.layer_keys(train)
-    if self.layers_per_scan and not self.is_initializing():
-      return self._scanned(spec, x, train, keys)
+    layer = DenseLayer
+    if self.memory_efficient:  # train is static: argument 2, counting self
+      policy = jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT, DROPOUT_MASK)
+      layer = nn.remat(DenseLayer, policy=policy, static_argnums=(2,))
+    keys = [None] * self.num_layers
+    if train and self.dropout_rate:
+      keys = list(jax.random.split(self.make_rng('dropout'), self.num_layers))
+    shared = dict(growth_rate=self.growth_rate, bottleneck=self.bottleneck, dropout_rate=self.dropout_rate,
+                  dtype=self.dtype, param_dtype=self.param_dtype, batch_norm_group_size=self.batch_norm_group_size)
     features = [x]
-    # A channel's batch statistics are the same for every layer that reads it: computed once.
-    group_size = self.batch_norm_group_size
-    feature_moments = [layers.moments(x, group_size)] if train else None
     for i in range(self.num_layers):
-      new = DenseLayer(spec=spec, memory_efficient=self.memory_efficient, dtype=self.dtype,
-                       param_dtype=self.param_dtype, batch_norm_group_size=group_size, name=f'layer{i + 1}')(features, feature_moments, train, keys[i])
-      new = spec.kernels.new_feature(new)
-      features.append(new)
-      if train:
-        feature_moments.append(layers.moments(new, group_size))
+      features.append(layer(**shared, name=f'layer{i + 1}')(features, train, keys[i]))
     return jnp.concatenate(features, axis=-1)
-
-  def _scanned(self, spec: LayerSpec, x: Array, train: bool, keys: list[Array | None]) -> Array:
-    # The same variables, created by the unrolled layers at init, computed by scanned_block.py.
-    block = scanned_block.BlockSpec(x.shape[-1], self.num_layers, self.layers_per_scan, spec)
-    names = [f'layer{i + 1}' for i in range(self.num_layers)]
-    params = [self.variables['params'][name] for name in names]
-    running = [self.variables['batch_stats'][name] for name in names]
-    if not train:
-      return scanned_block.evaluate(block, x, params, running)
-    output, batch = scanned_block.train(block, x, params, keys)
-    count = layers.examples_per_channel(x, self.batch_norm_group_size)
-    # Like every BatchNorm, a train-mode call needs mutable=['batch_stats'] (flax raises otherwise).
-    for name, layer_running, layer_batch in zip(names, running, batch):
-      self.put_variable('batch_stats', name, {
-          norm: layers.updated_running(Moments(**layer_running[norm]), stats, count, BATCH_NORM_MOMENTUM)._asdict()
-          for norm, stats in layer_batch.items()
-      })
-    return output
 
 
 class Transition(_Module):
@@ -197,23 +123,16 @@ class Transition(_Module):
 
   out_channels: int = 0
   dropout_rate: float = 0.0
-  kernels: str = 'xla'
-  dropout_masks: str = 'jax'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    kernels = kernel_sets.resolve(self.kernels)
-    kernel = self.conv_kernel('conv', 1, x.shape[-1], self.out_channels).astype(self.dtype)
-    x = self.norm_relu([x], train, 'norm')
+    x = self.norm_relu(x, train, 'norm')
+    conv = self.conv(self.out_channels, 1, 'conv')
     if self.dropout_rate:
-      x = kernels.conv1x1(x, kernel)
-      keep = keep_mask(self.make_rng('dropout'), self.dropout_rate, x.shape, self.dropout_masks) if train else None
-      return nn.avg_pool(dropout(x, self.dropout_rate, keep, kernels), (2, 2), strides=(2, 2))
+      key = self.make_rng('dropout') if train else None
+      return nn.avg_pool(dropout(conv(x), self.dropout_rate, key), (2, 2), strides=(2, 2))
     # A 1x1 convolution and average pooling commute: pooling first does a quarter of the work.
-    return kernels.conv1x1(nn.avg_pool(x, (2, 2), strides=(2, 2)), kernel)
-
-
-Stem = Literal['cifar', 'imagenet']
+    return conv(nn.avg_pool(x, (2, 2), strides=(2, 2)))
 
 
 class DenseNet(_Module):
@@ -225,41 +144,33 @@ class DenseNet(_Module):
     num_classes: outputs of the classifier.
     stem: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool).
     stem_channels: output channels of the stem conv (16 for plain CIFAR DenseNets, 2k otherwise).
-    bottleneck: use BN-ReLU-Conv1x1(4k) before each 3x3 conv (the "B" of DenseNet-BC).
+    bottleneck: BN-ReLU-Conv1x1(4k) before each 3x3 conv (the "B" of DenseNet-BC).
     compression: theta; a transition maps m channels to floor(theta * m) (the "C").
     dropout_rate: dropout after every conv except the stem's, in train mode only.
-    memory_efficient: recompute concat-BN-ReLU-conv of each dense layer in the backward pass.
-    layers_per_scan: 0 writes every dense layer out; n > 0 computes each dense block n layers at a time under
-      jax.lax.scan, each layer reading its group's widest input through zero-padded parameters
-      (scanned_block.py): the same function and variables, far less to compile. Needs memory_efficient=True,
-      whose memory it keeps by construction.
-    kernels: how convolutions and max pooling are written for the compiler (kernels.py): 'xla' or 'cpu'.
-    dropout_masks: how dropout's keep masks are drawn (kernels.DROPOUT_MASKS): 'jax' or 'elementwise', the same
-      bits.
-      The four form attributes above compute the same function with the same variables; the model takes them as
-      given and reads nothing of the machine. densenet_jax.platform.choose picks the fastest measured on a
-      backend.
-    batch_norm_group_size: examples per BatchNorm statistics group in training: the batch is split into
-      consecutive groups of this many examples, each normalized with its own statistics (per-device BatchNorm
-      when it is the per-device batch; the groups are reduced only over the devices that hold them). The running
-      averages follow the mean of the groups' statistics. None: the whole (global) batch is one group.
+    batch_norm_group_size: examples per BatchNorm statistics group in training (layers.BatchNorm); None: the
+      whole (global) batch.
     input_channels: channels the input images must have (checked, with a clear message).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
+    memory_efficient: recompute concat-BN-ReLU of each dense layer in the backward pass (Pleiss et al., 2017).
+    kernels, layers_per_scan, dropout_masks: a faster form of the same function (forms/): 'xla' or 'cpu' kernels,
+      0 or n layers per `jax.lax.scan` (needs memory_efficient), 'jax' or 'elementwise' dropout masks (the same
+      bits). The defaults are this file's own form. The model reads nothing of the machine:
+      densenet_jax.platform.choose picks the form measured fastest on a backend.
   """
 
   block_sizes: Sequence[int] = (6, 12, 24, 16)
   growth_rate: int = 32
   num_classes: int = 1000
-  stem: Stem = 'imagenet'
+  stem: Literal['cifar', 'imagenet'] = 'imagenet'
   stem_channels: int = 64
   bottleneck: bool = True
   compression: float = 0.5
   dropout_rate: float = 0.0
-  memory_efficient: bool = False
-  layers_per_scan: int = 0
-  kernels: str = 'xla'
-  dropout_masks: str = 'jax'
   input_channels: int = 3
+  memory_efficient: bool = False
+  kernels: str = 'xla'
+  layers_per_scan: int = 0
+  dropout_masks: str = 'jax'
 
   @property
   def stem_stride(self) -> int:
@@ -279,44 +190,21 @@ class DenseNet(_Module):
       names += [f'block{b}'] + ([f'transition{b}'] if b < len(self.block_sizes) else [])
     return tuple(names)
 
-  def _check_options(self) -> None:
-    unset = [name for name in ('memory_efficient', 'layers_per_scan', 'kernels', 'dropout_masks')
-             if getattr(self, name) is None]
-    if unset:
-      raise ValueError(
-          f'DenseNet takes explicit values for {", ".join(unset)}, got None: the model reads nothing of the '
-          'machine. Pass them, e.g. `**densenet_jax.platform.choose(config, jax.default_backend()).model_options()`, '
-          "or leave the defaults (kernels='xla', memory_efficient=False, layers_per_scan=0, dropout_masks='jax')."
-      )
-    if self.layers_per_scan < 0 or (self.layers_per_scan > 0 and not self.memory_efficient):
-      raise ValueError(
-          f'layers_per_scan={self.layers_per_scan}: use 0 (every dense layer written out) or a positive number of '
-          'layers per scan together with memory_efficient=True (a scanned block keeps only what '
-          "memory_efficient keeps: it has no variant that stores every layer's input)."
-      )
-    if self.kernels not in kernel_sets.KERNELS:
-      raise ValueError(f'kernels={self.kernels!r}: use one of {", ".join(kernel_sets.KERNELS)}.')
-    if self.dropout_masks not in kernel_sets.DROPOUT_MASKS:
-      raise ValueError(f'dropout_masks={self.dropout_masks!r}: use one of {", ".join(kernel_sets.DROPOUT_MASKS)}.')
-
   def _check_input(self, x: Array) -> None:
     expected = f'(batch, height, width, {self.input_channels})'
     if x.ndim != 4:
       raise ValueError(
           f'DenseNet expects a batch of NHWC images of shape {expected}, got an array of rank {x.ndim} with shape '
-          f'{tuple(x.shape)}. Add a batch axis for a single image (x[None]) and put channels last.'
-      )
+          f'{tuple(x.shape)}. Add a batch axis for a single image (x[None]) and put channels last.')
     if x.shape[-1] != self.input_channels:
       raise ValueError(
           f'DenseNet expects {self.input_channels} input channels (shape {expected}), got shape {tuple(x.shape)}. '
           f'Images must be channels-last (NHWC); for other channel counts build the model with '
-          f'input_channels={x.shape[-1]}.'
-      )
+          f'input_channels={x.shape[-1]}.')
     if min(x.shape[1:3]) < self.min_input_size:
       raise ValueError(
           f'Input images of size {x.shape[1]}x{x.shape[2]} are too small for this DenseNet: with the {self.stem} '
-          f'stem and {len(self.block_sizes)} blocks, height and width must be at least {self.min_input_size}.'
-      )
+          f'stem and {len(self.block_sizes)} blocks, height and width must be at least {self.min_input_size}.')
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, *, features: bool = False) -> Array | dict[str, Array]:
@@ -327,40 +215,34 @@ class DenseNet(_Module):
     final features the classifier reads; the classifier is not applied (backbone weights need none).
     """
     self._check_input(x)
-    self._check_options()
-    x = jnp.asarray(x, self.dtype)
     shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, batch_norm_group_size=self.batch_norm_group_size)
+    if forms.is_default(self):
+      block, transition, stem_pool = (functools.partial(DenseBlock, memory_efficient=self.memory_efficient),
+                                      Transition, max_pool)
+    else:
+      block, transition, stem_pool = forms.parts(self)
+    x = jnp.asarray(x, self.dtype)
     stages = {}
 
-    imagenet = self.stem == 'imagenet'
-    size, stride = (7, 2) if imagenet else (3, 1)
-    kernel = self.conv_kernel('stem_conv', size, self.input_channels, self.stem_channels).astype(self.dtype)
-    # Symmetric padding, as in Torch: 'SAME' pads differently on even input sizes.
-    x = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(size // 2, size // 2)] * 2,
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    if imagenet:
-      x = self.norm_relu([x], train, 'stem_norm')
-      x = kernel_sets.resolve(self.kernels).stem_pool(x)  # 3x3 max pooling, stride 2, padded by 1
+    if self.stem == 'imagenet':
+      x = self.conv(self.stem_channels, 7, 'stem_conv', stride=2)(x)
+      x = stem_pool(self.norm_relu(x, train, 'stem_norm'))
+    else:
+      x = self.conv(self.stem_channels, 3, 'stem_conv')(x)
     stages['stem'] = x
 
     for b, num_layers in enumerate(self.block_sizes):
-      x = DenseBlock(
-          num_layers=num_layers, growth_rate=self.growth_rate, bottleneck=self.bottleneck,
-          dropout_rate=self.dropout_rate, memory_efficient=self.memory_efficient,
-          layers_per_scan=self.layers_per_scan, kernels=self.kernels, dropout_masks=self.dropout_masks,
-          name=f'block{b + 1}', **shared,
-      )(x, train)
+      x = block(num_layers=num_layers, growth_rate=self.growth_rate, bottleneck=self.bottleneck,
+                dropout_rate=self.dropout_rate, name=f'block{b + 1}', **shared)(x, train)
       stages[f'block{b + 1}'] = x
       if b + 1 < len(self.block_sizes):
-        x = Transition(out_channels=int(math.floor(self.compression * x.shape[-1])),
-                       dropout_rate=self.dropout_rate, kernels=self.kernels, dropout_masks=self.dropout_masks,
+        x = transition(out_channels=math.floor(self.compression * x.shape[-1]), dropout_rate=self.dropout_rate,
                        name=f'transition{b + 1}', **shared)(x, train)
         stages[f'transition{b + 1}'] = x
 
-    x = self.norm_relu([x], train, 'final_norm')
-    pooled = jnp.mean(x, axis=(1, 2))
+    pooled = jnp.mean(self.norm_relu(x, train, 'final_norm'), axis=(1, 2))
     if features:
       return {**stages, 'pre_logits': pooled}
     logits = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros,
-                      name='classifier', dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+                      dtype=self.dtype, param_dtype=self.param_dtype, name='classifier')(pooled)
     return jnp.asarray(logits, jnp.float32)

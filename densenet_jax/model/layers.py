@@ -1,29 +1,25 @@
-"""BatchNorm-ReLU written for dense connectivity, and its pieces as pure functions.
+"""The layer DenseNet needs beyond Flax's own, BatchNorm as the original code trains it, and its pure functions.
 
-* `moments`: per-channel batch mean and variance of one feature map. In training mode a channel's batch
-  statistics do not depend on which layer reads it, so a dense block computes them once per feature map, when it
-  is produced, and every later layer reuses them instead of re-reducing all of its input channels.
-* `normalize_relu`: relu(BatchNorm(x)) folded into one multiply-add per element in float32, so the backward pass
-  keeps no (x - mean) copy.
-* `BatchNorm`: the variables of `flax.linen.BatchNorm` (params scale, bias; batch_stats mean, var) and their
-  running-average update, for callers that normalize with the pure functions.
-* `batch_norm_relu`: ReLU(BatchNorm(concatenate(features))) with a `BatchNorm`'s variables.
+`BatchNorm` is flax.linen.BatchNorm (same variables, epsilon 1e-5, running averages with momentum 0.9) with two
+differences of the paper's recipes:
 
-With a `group_size` (`batch_norm_group_size` of DenseNet), the batch is split into consecutive groups of that many
-examples and each group is normalized with its own statistics, as per-device BatchNorm does (Goyal et al. 2017 use
-groups of 32 for large batches): moments are then of shape (groups, channels), and the running averages move
-towards their mean over the groups. Under jit with the batch sharded over devices, a group that one device holds is
-reduced on that device alone, and a group spread over k devices only across those k.
+* Running variances are updated with the unbiased batch variance (n / (n - 1) times the biased one), as the
+  original Torch code and PyTorch do, so that a converted model fine-tunes alike in both frameworks; normalization
+  uses the biased one, as every framework does. The variance is computed in two passes, E[(x - E[x])^2].
+* With a `group_size`, the batch is split into consecutive groups of that many examples, each normalized with its
+  own statistics, as per-device BatchNorm does (Goyal et al. 2017 use groups of 32 for large batches): moments are
+  then of shape (groups, channels), and the running averages move towards their mean over the groups. Under jit
+  with the batch sharded over devices, a group that one device holds is reduced on that device alone.
 
-Running variances are updated with the unbiased batch variance (n / (n - 1) times the biased one), as the original
-Torch code and PyTorch do, so that a converted model fine-tunes alike in both frameworks; normalization uses the
-biased one, as every framework does. tests/test_layers.py checks all of it against a float64 reference.
+The pure functions are shared with the faster forms (forms/), which compute a feature map's batch moments once
+for every layer that reads it (in training mode a channel's batch statistics do not depend on the reading layer)
+and fold BatchNorm-ReLU into one multiply-add per element. tests/test_layers.py checks all of it against a float64
+reference.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -36,6 +32,12 @@ Dtype = Any
 # The paper's (and Torch's) BatchNorm. Flax convention: running = 0.9 * running + 0.1 * batch (PyTorch: 0.1).
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
+BOTTLENECK_WIDTH = 4  # The bottleneck 1x1 conv of DenseNet-B produces 4 * growth_rate channels.
+
+# He initialization with fan-out, from a normal distribution: N(0, sqrt(2 / (kh * kw * out_channels))).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Torch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in the original code.
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 class Moments(NamedTuple):
@@ -110,73 +112,58 @@ def updated_running(running: Moments, batch: Moments, count: int, momentum: floa
   return Moments(running_average(running.mean, mean, momentum), running_average(running.var, unbiased, momentum))
 
 
-def normalize_relu(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
-  """relu((x - mean) * rsqrt(var + eps) * scale + bias) in float32, as relu(x * a + b), cast to `dtype`.
+def _scale_and_shift(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float) -> Array:
+  """(x - mean) * rsqrt(var + eps) * scale + bias in float32, as x * a + b: the backward pass keeps no (x - mean).
 
   `stats` of shape (groups, channels) normalize each of `groups` consecutive parts of the batch with its own row.
   """
   a = jax.lax.rsqrt(stats.var + epsilon) * scale.astype(jnp.float32)
   b = bias.astype(jnp.float32) - stats.mean * a
   if a.ndim == 1:
-    return nn.relu(x.astype(jnp.float32) * a + b).astype(dtype)
+    return x.astype(jnp.float32) * a + b
   groups = x.reshape(a.shape[0], -1, *x.shape[1:]).astype(jnp.float32)
   per_group = (a.shape[0],) + (1,) * (x.ndim - 1) + (a.shape[-1],)
-  return nn.relu(groups * a.reshape(per_group) + b.reshape(per_group)).reshape(x.shape).astype(dtype)
+  return (groups * a.reshape(per_group) + b.reshape(per_group)).reshape(x.shape)
+
+
+def normalize(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
+  """BatchNorm of x with `stats`, computed in float32 and cast to `dtype`."""
+  return _scale_and_shift(x, stats, scale, bias, epsilon).astype(dtype)
+
+
+def normalize_relu(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
+  """relu(BatchNorm of x with `stats`), computed in float32 and cast to `dtype`."""
+  return nn.relu(_scale_and_shift(x, stats, scale, bias, epsilon)).astype(dtype)
 
 
 class BatchNorm(nn.Module):
-  """The variables of `flax.linen.BatchNorm` over `channels`, and their update; normalize with normalize_relu.
+  """flax.linen.BatchNorm over the last axis, with the original code's running variance and optional groups.
 
   Attributes:
-    channels: number of channels normalized.
-    momentum: decay of the running averages.
-    param_dtype: dtype of scale and bias (the running statistics are float32).
+    group_size: examples per statistics group in training; None: the whole batch.
+    momentum, epsilon: of the running averages and the normalization.
+    dtype: of the result; the statistics and the normalization are float32.
+    param_dtype: of scale and bias (the running statistics are float32).
   """
 
-  channels: int
+  group_size: int | None = None
   momentum: float = BATCH_NORM_MOMENTUM
+  epsilon: float = BATCH_NORM_EPSILON
+  dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def setup(self):
-    self.scale = self.param('scale', nn.initializers.ones, (self.channels,), self.param_dtype)
-    self.bias = self.param('bias', nn.initializers.zeros, (self.channels,), self.param_dtype)
-    self.mean = self.variable('batch_stats', 'mean', jnp.zeros, (self.channels,), jnp.float32)
-    self.var = self.variable('batch_stats', 'var', jnp.ones, (self.channels,), jnp.float32)
-
-  def params(self) -> dict[str, Array]:
-    return {'scale': self.scale, 'bias': self.bias}
-
-  def running(self) -> Moments:
-    return Moments(self.mean.value, self.var.value)
-
-  def update(self, batch: Moments, count: int) -> None:
-    """Moves the running averages towards `batch`, the moments of `count` values per channel."""
-    if self.is_initializing():
-      return
-    self.mean.value, self.var.value = updated_running(self.running(), batch, count, self.momentum)
-
-
-def batch_norm_relu(
-    norm: BatchNorm,
-    features: Sequence[Array],
-    train: bool,
-    *,
-    epsilon: float,
-    dtype: Dtype,
-    batch_moments: Sequence[Moments] | None = None,
-    group_size: int | None = None,
-) -> Array:
-  """ReLU(BatchNorm(concatenate(features, axis=-1))) with `norm`'s variables; train mode updates them.
-
-  `batch_moments[i]` are moments(features[i]) when the caller already has them (a dense block computes each
-  feature map's once); `group_size`: examples per statistics group (None: the whole batch). The concatenation is written once, already normalized: it is the next convolution's input.
-  """
-  if train:
-    batch_moments = batch_moments or [moments(f, group_size) for f in features]
-    stats = Moments(*(jnp.concatenate(m, axis=-1) for m in zip(*batch_moments)))
-    norm.update(stats, examples_per_channel(features[0], group_size))
-  else:
-    stats = norm.running()
-  # XLA fuses the concatenation into the normalization: one pass reads the maps and writes the result.
-  x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
-  return normalize_relu(x, stats, norm.scale, norm.bias, epsilon, dtype)
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    channels = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, channels, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, channels, self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, channels, jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, channels, jnp.float32)
+    if not train:
+      return normalize(x, Moments(running_mean.value, running_var.value), scale, bias, self.epsilon, self.dtype)
+    stats = moments(x, self.group_size)
+    if not self.is_initializing():
+      running = Moments(running_mean.value, running_var.value)
+      running_mean.value, running_var.value = updated_running(
+          running, jax.lax.stop_gradient(stats), examples_per_channel(x, self.group_size), self.momentum)
+    return normalize(x, stats, scale, bias, self.epsilon, self.dtype)

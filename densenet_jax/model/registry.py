@@ -23,11 +23,13 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from densenet_jax.model.densenet import DenseNet, dense_kernel_init
+from densenet_jax.model import forms
+from densenet_jax.model.densenet import DenseNet
+from densenet_jax.model.layers import dense_kernel_init
 
 COLLECTIONS = ('params', 'batch_stats')
 # The DenseNet attributes (and config fields) that choose how, not what, the model computes.
-FORM_FIELDS = ('kernels', 'memory_efficient', 'layers_per_scan', 'dropout_masks')
+FORM_FIELDS = forms.FORM_ATTRIBUTES
 _SHOWN_KEYS = 20  # names listed per category in an error message; the exception holds them all
 
 

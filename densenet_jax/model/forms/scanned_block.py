@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.model import dense_layer, layers
+from densenet_jax.model import layers
+from densenet_jax.model.forms import dense_layer
 from densenet_jax.model.layers import Moments
 
 Array = jax.Array

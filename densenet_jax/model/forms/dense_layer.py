@@ -15,15 +15,14 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax.model import dropout_masks
-from densenet_jax.model import kernels as kernel_sets
 from densenet_jax.model import layers
-from densenet_jax.model.layers import Moments
+from densenet_jax.model.forms import dropout_masks
+from densenet_jax.model.forms import kernels as kernel_sets
+from densenet_jax.model.layers import BOTTLENECK_WIDTH, Moments
 
 Array = jax.Array
 Params = Mapping[str, Any]
 
-BOTTLENECK_WIDTH = 4  # The bottleneck 1x1 conv produces 4 * growth_rate channels.
 BOTTLENECK_OUTPUT = 'dense_layer_bottleneck_output'  # what memory_efficient keeps of each layer
 DROPOUT_MASK = 'dense_layer_dropout_mask'  # and its packed dropout masks
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from densenet_jax.model import dropout_masks
+from densenet_jax.model.forms import dropout_masks
 
 Array = jax.Array
 Conv = Callable[[Array, Array], Array]  # (NHWC input, HWIO kernel) -> NHWC output
