@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
+from chosen import chosen_form
 from configs import quickstart
 from densenet_jax import analysis
 from densenet_jax.model import layers
@@ -210,9 +211,8 @@ def quickstart_config():
 def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
   config = quickstart_config()
   workdir_lib.record_config(config, str(tmp_path))  # writes config.json as a training run does
-  # Loaded models compute with the backend's default block form (None), whatever the run used.
-  expected = model_lib.from_config(config, num_classes=10, input_channels=1, layers_per_scan=None,
-                                   memory_efficient=None)
+  # Loaded models compute with the form the run recorded; what it left open, the backend's.
+  expected = model_lib.from_config(config, num_classes=10, input_channels=1, **chosen_form(config))
   variables = model_lib.init_variables(expected, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1, asynchronous=False)
   checkpointer.save(7, {'step': 7, **variables})

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
+from chosen import chosen_form
 from densenet_jax import config as config_lib
 from densenet_jax.training import checkpoints
 from densenet_jax import model as model_lib
@@ -112,7 +113,7 @@ def _complete_steps(workdir):
 
 def _initial_state(config):
   """The state train_and_evaluate starts `config` from, built without training."""
-  model = model_lib.from_config(config, num_classes=10, input_channels=1)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1, **chosen_form(config))
   schedule = optim.create_learning_rate_fn(config.learning_rate, config.lr_boundaries_epochs,
                                            config.lr_decay_factor, STEPS_PER_EPOCH)
   tx = optim.create_optimizer(schedule, momentum=config.momentum, nesterov=config.nesterov,
