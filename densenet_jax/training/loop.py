@@ -145,8 +145,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   use_compilation_cache(config.compilation_cache_dir)
   backend = jax.default_backend()
   config = workdir_lib.with_form(config, backend, workdir_lib.recorded_config(workdir))
-  logging.info('Computing on %s with %s.', backend,
-               ', '.join(f'{field}={config[field]!r}' for field in platform.FORM_FIELDS))
   workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
 
   mesh = parallel.create_mesh()
@@ -157,6 +155,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   steps_per_epoch = info.num_train_examples // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
 
+  # config.json records the form too; the console keeps to the run's own lines.
+  logging.debug('Computing on %s with %s.', backend,
+                ', '.join(f'{field}={config[field]!r}' for field in platform.FORM_FIELDS))
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
   config_lib.validate_input_size(info, model.min_input_size, config.model)
   learning_rate_fn, tx = optim.from_config(config, steps_per_epoch)
