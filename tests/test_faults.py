@@ -591,6 +591,11 @@ def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, 
   assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()
 
 
+def _architecture(**fields):
+  """tiny_config's architecture with `fields` changed."""
+  return ml_collections.ConfigDict({**tiny_config().architecture.to_dict(), **fields})
+
+
 CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'negative lr_decay_factor': (dict(lr_decay_factor=-0.1), 'lr_decay_factor must be positive'),
     'negative weight_decay': (dict(weight_decay=-1e-4), 'weight_decay must be 0 or more'),
@@ -600,6 +605,15 @@ CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'synthetic with augmentation': (dict(dataset='synthetic', augment=True), 'no data augmentation'),
     'image too small': (dict(model='densenet121', architecture=ml_collections.ConfigDict()),
                         'are 8x8, too small for config.model=\'densenet121\', which needs at least 32x32'),
+    'growth rate 0': (dict(architecture=_architecture(growth_rate=0)), 'architecture.growth_rate must be a positive'),
+    'negative growth rate': (dict(architecture=_architecture(growth_rate=-12)), 'growth_rate must be a positive'),
+    'float growth rate': (dict(architecture=_architecture(growth_rate=12.0)), 'growth_rate must be a positive whole'),
+    'depth 0': (dict(architecture=_architecture(depth=0)), 'architecture.depth must be a positive whole number'),
+    'depth not 6n+4': (dict(architecture=_architecture(depth=11)), 'architecture.depth=11: Impossible depth 11'),
+    'compression 0': (dict(architecture=_architecture(compression=0.0)), 'architecture.compression must be a number'),
+    'compression 1.5': (dict(architecture=_architecture(compression=1.5)), 'compression must be a number in (0, 1]'),
+    'bottleneck 1': (dict(architecture=_architecture(bottleneck=1)), 'architecture.bottleneck must be True'),
+    'image_size 0': (dict(image_size=0), 'config.image_size must be a positive number'),
 }
 
 
