@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 
 import ml_collections
 
@@ -110,6 +111,29 @@ def _check_known_fields(config: ml_collections.ConfigDict) -> None:
       )
 
 
+def _non_finite_numbers(value, name: str):
+  """(name, value) of every NaN or infinite float in `value`, a field of any type: ConfigDicts, dicts, tuples
+  and lists are walked, so that a NaN nested anywhere is found."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    for key, item in value.items():
+      yield from _non_finite_numbers(item, f'{name}.{key}')
+  elif isinstance(value, (tuple, list)):
+    for i, item in enumerate(value):
+      yield from _non_finite_numbers(item, f'{name}[{i}]')
+  elif isinstance(value, float) and not math.isfinite(value):
+    yield name, value
+
+
+def _check_finite(config: ml_collections.ConfigDict) -> None:
+  """NaN passes every range check (each comparison is False) and would only show as a NaN loss after
+  compiling; an infinity is never a meaningful rate, factor or number of epochs."""
+  found = next(_non_finite_numbers(config, 'config'), None)
+  if found is not None:
+    name, value = found
+    raise ConfigError(f'{name}={value} is not a finite number: give a finite value (the defaults and the meaning '
+                      'of every field are in densenet_jax/config.py).')
+
+
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -145,6 +169,7 @@ def _check_architecture(architecture: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks fields, types and values that do not need the data or the devices."""
   _check_known_fields(config)
+  _check_finite(config)
   if config.model == 'cifar_densenet':
     _check_architecture(config.architecture)
   elif config.model not in registry.MODELS:

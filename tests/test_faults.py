@@ -614,6 +614,13 @@ CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'compression 1.5': (dict(architecture=_architecture(compression=1.5)), 'compression must be a number in (0, 1]'),
     'bottleneck 1': (dict(architecture=_architecture(bottleneck=1)), 'architecture.bottleneck must be True'),
     'image_size 0': (dict(image_size=0), 'config.image_size must be a positive number'),
+    'nan learning_rate': (dict(learning_rate=float('nan')), 'config.learning_rate=nan is not a finite number'),
+    'inf learning_rate': (dict(learning_rate=float('inf')), 'config.learning_rate=inf is not a finite number'),
+    '-inf weight_decay': (dict(weight_decay=float('-inf')), 'config.weight_decay=-inf is not a finite number'),
+    'nan warmup_epochs': (dict(warmup_epochs=float('nan')), 'config.warmup_epochs=nan is not a finite'),
+    'inf boundary': (dict(lr_boundaries_epochs=(1, float('inf'))), 'config.lr_boundaries_epochs[1]=inf is not'),
+    'nan compression': (dict(architecture=_architecture(compression=float('nan'))),
+                        'config.architecture.compression=nan is not a finite number'),
 }
 
 
