@@ -106,6 +106,49 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
   assert 'Did you mean "batch_size"' in messages['batch_sise']
 
 
+def _start(script, *flags):
+  """`python SCRIPT FLAGS...` from the repository, as a user runs it (on the CPU); stdout and stderr apart."""
+  return subprocess.Popen([sys.executable, script, *flags], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _image_folder_with_an_empty_test_split(root):
+  """Good images in train/; test/ has the same class folders, without images."""
+  for label in ('a', 'b'):
+    os.makedirs(root / 'train' / label)
+    os.makedirs(root / 'test' / label)
+    for i in range(4):
+      (root / 'train' / label / f'{i}.png').write_bytes(tf_encode_png(np.full((36, 36, 3), 40 * i, np.uint8)))
+
+
+def test_zero_growth_rate_non_finite_numbers_and_an_empty_eval_split_exit_2_with_one_paragraph(tmp_path):
+  # Each once crashed inside JAX, started training, or printed a traceback.
+  _image_folder_with_an_empty_test_split(tmp_path / 'images')
+  image_folder = ['--config.dataset=image_folder', '--config.image_size=32',
+                  f'--config.data_dir={tmp_path / "images"}', '--config.eval_split=test', '--config.batch_size=8',
+                  '--config.augment=False']
+  train = lambda name, *flags: ('train.py', [f'--workdir={tmp_path / name}', '--config=configs/quickstart.py', *flags])
+  setups = {  # what stderr, a single line, starts with: (script, flags)
+      'Config error: config.architecture.growth_rate must be a positive whole number': train(
+          'growth', '--config.architecture.growth_rate=0'),
+      'Config error: config.learning_rate=nan is not a finite number': train('nan', '--config.learning_rate=nan'),
+      'Config error: config.lr_boundaries_epochs[1]=inf is not a finite number': train(
+          'inf', '--config.lr_boundaries_epochs=(10,1e999)'),  # 1e999: how a tuple flag spells infinity
+      f'Data error: Split folder {tmp_path / "images" / "test"} contains no images': train('empty', *image_folder),
+      # evaluate.py lists the data before it reads the weights: any existing path will do.
+      f'Data error: Split folder {tmp_path / "images" / "test"}': (
+          'evaluate.py', [f'--checkpoint={tmp_path / "images"}', '--config=configs/quickstart.py', *image_folder]),
+  }
+  processes = {expected: _start(script, *flags) for expected, (script, flags) in setups.items()}  # all at once
+  for expected, process in processes.items():
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, (expected, stderr[-3000:])
+    assert stderr.startswith(expected) and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
+    assert 'Traceback' not in stdout + stderr
+  for name in ('growth', 'nan', 'inf', 'empty'):
+    assert not _complete_steps(tmp_path / name)
+
+
 def _complete_steps(workdir):
   return checkpoints.complete_steps(str(workdir / 'checkpoints'))
 
