@@ -28,6 +28,7 @@ from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
 from densenet_jax.training import loop as training
+from tests.test_cli import CPP_LOG_LINE
 from tests.test_train import tiny_config
 from tests.test_train_processes import ROOT
 
@@ -730,6 +731,21 @@ def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tm
   config.architecture.depth = 16
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the model'):
     training.train_and_evaluate(config, str(tmp_path / 'fine_tuned'))
+
+
+def test_predict_names_unreadable_files_in_our_words_without_tensorflows_suffix(finished_run, tmp_path):
+  _, workdir, _ = finished_run
+  empty, junk = tmp_path / 'empty.png', tmp_path / 'junk.jpg'
+  empty.write_bytes(b'')
+  junk.write_bytes(b'not an image')
+  process = _start('predict.py', f'--checkpoint={workdir}', str(empty), str(junk))
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr[-3000:]
+  assert 'Traceback' not in stdout + stderr
+  # Log records (loading the weights; TensorFlow's C++ lines) aside, stderr is our paragraph, first line to last.
+  ours = [line for line in stderr.splitlines() if line.strip() and not CPP_LOG_LINE.search(line)]
+  assert [line.split(': ')[0] for line in ours] == [f'Cannot read {empty}', f'Cannot read {junk}', 'Data error'], stderr
+  assert all(line.endswith('.') for line in ours), stderr  # TensorFlow's "... name:" cut off
 
 
 def test_converted_weights_do_not_share_memory_with_the_torch_tensors():
