@@ -30,7 +30,7 @@ from densenet_jax.training import reporting
 from densenet_jax.training import loop as training
 from tests.test_cli import CPP_LOG_LINE
 from tests.test_train import tiny_config
-from tests.test_train_processes import ROOT
+from tests.test_train_processes import ROOT, run_train
 
 BATCH_SIZE = 128
 STEPS_PER_EPOCH = 1437 // BATCH_SIZE  # digits' training split
@@ -148,6 +148,29 @@ def test_zero_growth_rate_non_finite_numbers_and_an_empty_eval_split_exit_2_with
     assert 'Traceback' not in stdout + stderr
   for name in ('growth', 'nan', 'inf', 'empty'):
     assert not _complete_steps(tmp_path / name)
+
+
+def test_an_unwritable_compilation_cache_dir_turns_the_cache_off_with_one_line_and_the_run_goes_on(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  cache = tmp_path / 'a_file' / 'cache'  # a path under a file: unwritable even for root, whom chmod does not stop
+  output = run_train(tmp_path / 'run', '--config.num_epochs=1', '--config.lr_boundaries_epochs=()',
+                     '--config.batch_size=1024', f'--config.compilation_cache_dir={cache}')  # exit 0, one step
+  lines = output.strip().splitlines()
+  assert 'The compilation cache is off' in lines[0] and str(cache) in lines[0], output[-3000:]
+  assert sum(str(cache) in line for line in lines) == 1 and 'Traceback' not in output, output[-3000:]  # JAX's silent
+  assert lines[-1].startswith('step=1 eval_accuracy='), output[-3000:]
+
+
+def test_a_read_only_compilation_cache_dir_is_not_given_to_jax(tmp_path, caplog):
+  denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+  with mock.patch.object(jax.config, 'update') as update:
+    with mock.patch('tempfile.mkstemp', side_effect=denied), caplog.at_level(logging.WARNING):
+      training.use_compilation_cache(str(tmp_path))  # root ignores chmod: simulate what a user gets
+    assert not update.called
+    assert 'The compilation cache is off' in caplog.text and os.strerror(errno.EACCES) in caplog.text
+    training.use_compilation_cache(str(tmp_path / 'cache'))  # writable: created and used
+    update.assert_called_once_with('jax_compilation_cache_dir', str(tmp_path / 'cache'))
+  assert os.listdir(tmp_path / 'cache') == []  # the file that tested it is gone
 
 
 def _complete_steps(workdir):
