@@ -35,7 +35,7 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that
     model.WeightMismatchError: ('Weights do not fit', 2),  # an evaluated or init_from checkpoint of another model
     steps.TrainingDiverged: ('Training stopped', 1),
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
-    data.BadImageError: ('Data error', 2),
+    data.DataError: ('Data error', 2),  # an image folder without images, a bad image file (BadImageError)
     checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
     workdir.DiskFullError: ('Disk full', 1),
     checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),

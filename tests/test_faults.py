@@ -29,8 +29,9 @@ from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
 from densenet_jax.training import loop as training
+from tests.test_cli import CPP_LOG_LINE
 from tests.test_train import tiny_config
-from tests.test_train_processes import ROOT
+from tests.test_train_processes import ROOT, run_train
 
 BATCH_SIZE = 128
 STEPS_PER_EPOCH = 1437 // BATCH_SIZE  # digits' training split
@@ -105,6 +106,72 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
       assert any(line.startswith(('Config error: ', 'Error: ', 'Data error: ')) and name in line
                  for line in message.splitlines()), message
   assert 'Did you mean "batch_size"' in messages['batch_sise']
+
+
+def _start(script, *flags):
+  """`python SCRIPT FLAGS...` from the repository, as a user runs it (on the CPU); stdout and stderr apart."""
+  return subprocess.Popen([sys.executable, script, *flags], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _image_folder_with_an_empty_test_split(root):
+  """Good images in train/; test/ has the same class folders, without images."""
+  for label in ('a', 'b'):
+    os.makedirs(root / 'train' / label)
+    os.makedirs(root / 'test' / label)
+    for i in range(4):
+      (root / 'train' / label / f'{i}.png').write_bytes(tf_encode_png(np.full((36, 36, 3), 40 * i, np.uint8)))
+
+
+def test_zero_growth_rate_non_finite_numbers_and_an_empty_eval_split_exit_2_with_one_paragraph(tmp_path):
+  # Each once crashed inside JAX, started training, or printed a traceback.
+  _image_folder_with_an_empty_test_split(tmp_path / 'images')
+  image_folder = ['--config.dataset=image_folder', '--config.image_size=32',
+                  f'--config.data_dir={tmp_path / "images"}', '--config.eval_split=test', '--config.batch_size=8',
+                  '--config.augment=False']
+  train = lambda name, *flags: ('train.py', [f'--workdir={tmp_path / name}', '--config=configs/quickstart.py', *flags])
+  setups = {  # what stderr, a single line, starts with: (script, flags)
+      'Config error: config.architecture.growth_rate must be a positive whole number': train(
+          'growth', '--config.architecture.growth_rate=0'),
+      'Config error: config.learning_rate=nan is not a finite number': train('nan', '--config.learning_rate=nan'),
+      'Config error: config.lr_boundaries_epochs[1]=inf is not a finite number': train(
+          'inf', '--config.lr_boundaries_epochs=(10,1e999)'),  # 1e999: how a tuple flag spells infinity
+      f'Data error: Split folder {tmp_path / "images" / "test"} contains no images': train('empty', *image_folder),
+      # evaluate.py lists the data before it reads the weights: any existing path will do.
+      f'Data error: Split folder {tmp_path / "images" / "test"}': (
+          'evaluate.py', [f'--checkpoint={tmp_path / "images"}', '--config=configs/quickstart.py', *image_folder]),
+  }
+  processes = {expected: _start(script, *flags) for expected, (script, flags) in setups.items()}  # all at once
+  for expected, process in processes.items():
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, (expected, stderr[-3000:])
+    assert stderr.startswith(expected) and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
+    assert 'Traceback' not in stdout + stderr
+  for name in ('growth', 'nan', 'inf', 'empty'):
+    assert not _complete_steps(tmp_path / name)
+
+
+def test_an_unwritable_compilation_cache_dir_turns_the_cache_off_with_one_line_and_the_run_goes_on(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  cache = tmp_path / 'a_file' / 'cache'  # a path under a file: unwritable even for root, whom chmod does not stop
+  output = run_train(tmp_path / 'run', '--config.num_epochs=1', '--config.lr_boundaries_epochs=()',
+                     '--config.batch_size=1024', f'--config.compilation_cache_dir={cache}')  # exit 0, one step
+  lines = output.strip().splitlines()
+  assert 'The compilation cache is off' in lines[0] and str(cache) in lines[0], output[-3000:]
+  assert sum(str(cache) in line for line in lines) == 1 and 'Traceback' not in output, output[-3000:]  # JAX's silent
+  assert lines[-1].startswith('step=1 eval_accuracy='), output[-3000:]
+
+
+def test_a_read_only_compilation_cache_dir_is_not_given_to_jax(tmp_path, caplog):
+  denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+  with mock.patch.object(jax.config, 'update') as update:
+    with mock.patch('tempfile.mkstemp', side_effect=denied), caplog.at_level(logging.WARNING):
+      training.use_compilation_cache(str(tmp_path))  # root ignores chmod: simulate what a user gets
+    assert not update.called
+    assert 'The compilation cache is off' in caplog.text and os.strerror(errno.EACCES) in caplog.text
+    training.use_compilation_cache(str(tmp_path / 'cache'))  # writable: created and used
+    update.assert_called_once_with('jax_compilation_cache_dir', str(tmp_path / 'cache'))
+  assert os.listdir(tmp_path / 'cache') == []  # the file that tested it is gone
 
 
 def _complete_steps(workdir):
@@ -592,6 +659,11 @@ def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, 
   assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()
 
 
+def _architecture(**fields):
+  """tiny_config's architecture with `fields` changed."""
+  return ml_collections.ConfigDict({**tiny_config().architecture.to_dict(), **fields})
+
+
 CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'negative lr_decay_factor': (dict(lr_decay_factor=-0.1), 'lr_decay_factor must be positive'),
     'negative weight_decay': (dict(weight_decay=-1e-4), 'weight_decay must be 0 or more'),
@@ -601,6 +673,22 @@ CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'synthetic with augmentation': (dict(dataset='synthetic', augment=True), 'no data augmentation'),
     'image too small': (dict(model='densenet121', architecture=ml_collections.ConfigDict()),
                         'are 8x8, too small for config.model=\'densenet121\', which needs at least 32x32'),
+    'growth rate 0': (dict(architecture=_architecture(growth_rate=0)), 'architecture.growth_rate must be a positive'),
+    'negative growth rate': (dict(architecture=_architecture(growth_rate=-12)), 'growth_rate must be a positive'),
+    'float growth rate': (dict(architecture=_architecture(growth_rate=12.0)), 'growth_rate must be a positive whole'),
+    'depth 0': (dict(architecture=_architecture(depth=0)), 'architecture.depth must be a positive whole number'),
+    'depth not 6n+4': (dict(architecture=_architecture(depth=11)), 'architecture.depth=11: Impossible depth 11'),
+    'compression 0': (dict(architecture=_architecture(compression=0.0)), 'architecture.compression must be a number'),
+    'compression 1.5': (dict(architecture=_architecture(compression=1.5)), 'compression must be a number in (0, 1]'),
+    'bottleneck 1': (dict(architecture=_architecture(bottleneck=1)), 'architecture.bottleneck must be True'),
+    'image_size 0': (dict(image_size=0), 'config.image_size must be a positive number'),
+    'nan learning_rate': (dict(learning_rate=float('nan')), 'config.learning_rate=nan is not a finite number'),
+    'inf learning_rate': (dict(learning_rate=float('inf')), 'config.learning_rate=inf is not a finite number'),
+    '-inf weight_decay': (dict(weight_decay=float('-inf')), 'config.weight_decay=-inf is not a finite number'),
+    'nan warmup_epochs': (dict(warmup_epochs=float('nan')), 'config.warmup_epochs=nan is not a finite'),
+    'inf boundary': (dict(lr_boundaries_epochs=(1, float('inf'))), 'config.lr_boundaries_epochs[1]=inf is not'),
+    'nan compression': (dict(architecture=_architecture(compression=float('nan'))),
+                        'config.architecture.compression=nan is not a finite number'),
 }
 
 
@@ -667,6 +755,21 @@ def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tm
   config.architecture.depth = 16
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the model'):
     training.train_and_evaluate(config, str(tmp_path / 'fine_tuned'))
+
+
+def test_predict_names_unreadable_files_in_our_words_without_tensorflows_suffix(finished_run, tmp_path):
+  _, workdir, _ = finished_run
+  empty, junk = tmp_path / 'empty.png', tmp_path / 'junk.jpg'
+  empty.write_bytes(b'')
+  junk.write_bytes(b'not an image')
+  process = _start('predict.py', f'--checkpoint={workdir}', str(empty), str(junk))
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr[-3000:]
+  assert 'Traceback' not in stdout + stderr
+  # Log records (loading the weights; TensorFlow's C++ lines) aside, stderr is our paragraph, first line to last.
+  ours = [line for line in stderr.splitlines() if line.strip() and not CPP_LOG_LINE.search(line)]
+  assert [line.split(': ')[0] for line in ours] == [f'Cannot read {empty}', f'Cannot read {junk}', 'Data error'], stderr
+  assert all(line.endswith('.') for line in ours), stderr  # TensorFlow's "... name:" cut off
 
 
 def test_converted_weights_do_not_share_memory_with_the_torch_tensors():

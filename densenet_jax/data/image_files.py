@@ -64,8 +64,11 @@ def list_image_files(paths: list[str]) -> list[str]:
 
 
 def _one_line(error: tf.errors.OpError) -> str:
-  message = re.sub(r'\{\{[^}]*\}\}\s*', '', error.message)  # TF's '{{function_node ...}}' prefix
+  """The decoder's own words: without TF's '{{function_node ...}}' prefix, its '[Op:DecodeImage]' and the ' name: '
+  that eager TensorFlow appends for the op's name, empty for the unnamed ops used here."""
+  message = re.sub(r'\{\{[^}]*\}\}\s*', '', error.message)
   message = re.sub(r'\s*\[Op:\w+\]', '', message)
+  message = re.sub(r'\s+name:\s*$', '', message)
   return ' '.join(message.split())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,9 +109,33 @@ def use_compilation_cache(directory: str) -> None:
   XLA needs 30-90 s on a CPU for a DenseNet train step (docs/performance.md); an executable from the cache
   loads in a few seconds. The key covers the program, the compiler options and the devices, so runs of
   different models or on different machines can share one directory.
+
+  A local directory that cannot be written (a path under a file, read-only, no permission) turns the cache off
+  with one warning line that says why: the run does not need the cache, and JAX would print a Python warning with
+  its own source line at the first compile.
   """
-  if directory:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
+  if not directory:
+    return
+  path = os.path.expanduser(directory)
+  problem = None if storage.is_cloud(path) else _write_problem(path)
+  if problem is not None:
+    logging.warning('The compilation cache is off: config.compilation_cache_dir=%s cannot be written (%s); '
+                    'compiled steps are not kept for later runs. Give a writable directory, or '
+                    '--config.compilation_cache_dir= to keep none.', directory, problem)
+    return
+  jax.config.update('jax_compilation_cache_dir', path)
+
+
+def _write_problem(directory: str) -> str | None:
+  """Why no file can be created in the local `directory` (created if missing), or None if one can."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(prefix='.write-check-', dir=directory)
+    os.close(descriptor)
+    os.remove(probe)
+  except OSError as error:
+    return error.strerror or str(error)
+  return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
