@@ -1,8 +1,8 @@
-"""What the entry points (train.py, evaluate.py, predict.py) share: flags, logging, multi-process start, and the table
-of failures that end a run with one paragraph and an exit code.
+"""What the commands (densenet_jax/commands/) share: flags, logging, multi-process start, and the table of failures
+that end a run with one paragraph and an exit code.
 
-The entry points call `densenet_jax.platform.prepare_environment()` first, before anything imports TensorFlow or
-lets JAX compute.
+The commands start through densenet_jax.launch, which calls `densenet_jax.platform.prepare_environment()` before
+this module and the libraries it imports are loaded.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from absl import app, flags, logging
@@ -57,14 +57,11 @@ def keep_accelerators_for_jax() -> None:
 def show_only_own_info_logs() -> None:
   """Keeps every library's warnings and errors on the console, but only this project's INFO lines."""
   package = os.path.dirname(os.path.abspath(__file__))
-  scripts = os.path.dirname(package)  # train.py, evaluate.py
 
   def own_or_important(record: python_logging.LogRecord) -> bool:
-    path = os.path.abspath(record.pathname)
     if _reported_disk_full(record):
       return False
-    return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
-            or os.path.dirname(path) == scripts)
+    return record.levelno >= python_logging.WARNING or os.path.abspath(record.pathname).startswith(package + os.sep)
 
   logging.get_absl_handler().addFilter(own_or_important)
 
@@ -215,6 +212,15 @@ def format_metrics(metrics: dict[str, Any]) -> str:
   return ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())
 
 
-def main(main_function: Callable[[list[str]], None]) -> None:
-  """app.run with the config-aware flags parser."""
-  app.run(main_function, flags_parser=parse_flags)
+def main(main_function: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+  """app.run of a command's `main_function` on `argv` (default: sys.argv), with the config-aware flags parser.
+
+  absl's usage text is the __main__ module's docstring and --helpshort lists the flags that module defined, but
+  __main__ is only the script that started the command (train.py, a console script's wrapper): both come from the
+  command's module instead.
+  """
+  command = sys.modules[main_function.__module__]
+  sys.modules['__main__'].__doc__ = command.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(command):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  app.run(main_function, argv=None if argv is None else list(argv), flags_parser=parse_flags)

@@ -39,3 +39,57 @@ def test_a_config_error_is_one_paragraph_without_tensorflow_log_lines(tmp_path):
   assert 'Config error: config.eval_split' in result.stderr
   assert not CPP_LOG_LINE.search(result.stderr + result.stdout), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+# Each command and how it names its own flags: (console script, launcher function, a flag of the command).
+COMMANDS = [('densenet-train', 'train', '--workdir'), ('densenet-evaluate', 'evaluate', '--ten_crop'),
+            ('densenet-predict', 'predict', '--top_k'), ('densenet-export', 'export', '--with_preprocessing'),
+            ('densenet-tpu-compile', 'tpu_compile', '--topology'), ('densenet-convert', 'convert', 'inspect')]
+# The files that start a program (besides densenet_jax/commands/).
+ENTRY_FILES = ['train.py', 'evaluate.py', 'predict.py', 'densenet_jax/launch.py', 'densenet_jax/export/__main__.py',
+               'densenet_jax/tpu_compile/__main__.py', 'densenet_jax/weights/__main__.py', 'densenet_jax/summary.py']
+
+
+def _console_script(name: str, function: str) -> list[str]:
+  """What pip's generated wrapper of a [project.scripts] entry runs, without installing the package."""
+  program = (f'import sys; sys.argv[0] = {name!r}; from densenet_jax.launch import {function}; '
+             f'sys.exit({function}())')
+  return [sys.executable, '-c', program]
+
+
+def test_every_command_starts_through_the_launcher_and_shows_its_own_flags():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+  def start(name, function):
+    help_flag = '--help' if name == 'densenet-convert' else '--helpshort'
+    return subprocess.Popen([*_console_script(name, function), help_flag], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+  # All at once: each spends its few seconds importing JAX (and TensorFlow), then prints its help.
+  processes = [start(name, function) for name, function, _ in COMMANDS]
+  for (name, _, flag), process in zip(COMMANDS, processes):
+    stdout, stderr = process.communicate(timeout=300)
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert flag in stdout, (name, stdout, stderr[-3000:])
+    if name == 'densenet-convert':  # argparse
+      assert stdout.startswith('usage: densenet-convert'), stdout
+    else:  # absl: the command's docstring, then its flags under the program's name
+      assert name in stdout.split('\n\n')[0] and f'\n{name}:\n' in stdout, stdout
+
+
+def test_the_thin_scripts_load_nothing_before_the_launcher_runs():
+  # Importing train.py (not running it) or the launcher must not load JAX, TensorFlow or absl: their settings
+  # (XLA_FLAGS, TF's log variables, JAX_PLATFORMS for the compile check) come first, in densenet_jax.launch.run.
+  program = ('import sys, train, evaluate, predict, densenet_jax.launch; '
+             'print(sorted({m.split(".")[0] for m in sys.modules} & {"jax", "tensorflow", "absl", "numpy"}))')
+  done = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == '[]', done.stdout
+
+
+def test_no_entry_point_needs_imports_after_code():
+  for path in ENTRY_FILES + sorted(f'densenet_jax/commands/{name}' for name in
+                                   os.listdir(os.path.join(ROOT, 'densenet_jax', 'commands'))
+                                   if name.endswith('.py')):
+    with open(os.path.join(ROOT, path)) as f:
+      assert 'noqa: E402' not in f.read(), path
