@@ -57,6 +57,17 @@ def _console_script(name: str, function: str) -> list[str]:
   return [sys.executable, '-c', program]
 
 
+def test_the_console_scripts_are_the_launcher_functions():
+  import tomllib
+
+  from densenet_jax import launch
+
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    scripts = tomllib.load(f)['project']['scripts']
+  assert scripts == {name: f'densenet_jax.launch:{function}' for name, function, _ in COMMANDS}
+  assert all(callable(getattr(launch, function)) for _, function, _ in COMMANDS)
+
+
 def test_every_command_starts_through_the_launcher_and_shows_its_own_flags():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
