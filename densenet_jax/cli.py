@@ -91,10 +91,32 @@ def _config_error(message: str) -> None:
   sys.exit(2)
 
 
+def config_folder_on_path(argv: list[str]) -> None:
+  """Lets a --config file import the files beside it, as configs/cifar10.py does (`from configs import ...`).
+
+  `python train.py` finds them because the script's folder, the checkout's root, comes first on sys.path. A console
+  script starts from its bin folder and the config files are not installed, so when the folder of the --config
+  file is a package (it holds an __init__.py), its parent goes first on sys.path.
+  """
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == '--':
+      break
+    name, has_value, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name != 'config':
+      continue
+    if not has_value:  # --config PATH
+      value = argv[i + 1] if i + 1 < len(argv) else ''
+    folder = os.path.dirname(os.path.abspath(value.split(':', 1)[0]))  # PATH[:ARGUMENT]
+    parent = os.path.dirname(folder)
+    if value and os.path.isfile(os.path.join(folder, '__init__.py')) and parent not in sys.path:
+      sys.path.insert(0, parent)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Flags parser for absl's app.run: every mistake in the flags or the config file (a missing or broken file, a
   wrong ':ARGUMENT', a value of the wrong type, an override of a field the config lacks such as
   --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
+  config_folder_on_path(argv)
   try:
     remaining = flags.FLAGS(argv)
     config = flags.FLAGS.config if 'config' in flags.FLAGS else None

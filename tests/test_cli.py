@@ -104,3 +104,23 @@ def test_no_entry_point_needs_imports_after_code():
                                    if name.endswith('.py')):
     with open(os.path.join(ROOT, path)) as f:
       assert 'noqa: E402' not in f.read(), path
+
+
+def test_a_config_file_imports_its_neighbours_whatever_started_the_command(tmp_path, monkeypatch):
+  # configs/cifar10.py imports configs/cifar10_plus.py as `configs.cifar10_plus`. python train.py finds it through
+  # the script's folder; an installed console script, started anywhere, through the config's own folder.
+  folder = tmp_path / 'my_configs'
+  folder.mkdir()
+  (folder / '__init__.py').write_text('')
+  (folder / 'base.py').write_text('from configs import quickstart\nget_config = quickstart.get_config\n')
+  (folder / 'child.py').write_text('from my_configs import base\n\ndef get_config():\n  return base.get_config()\n')
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  cli.config_folder_on_path(['prog', '--workdir=/tmp/w', '--config', f'{folder / "child.py"}:argument'])
+  assert sys.path[0] == str(tmp_path)
+  cli.config_folder_on_path(['prog', f'--config={ROOT}/train.py'])  # not in a package: nothing added
+  assert sys.path[0] == str(tmp_path) and sys.path.count(str(tmp_path)) == 1
+
+  done = subprocess.run([*_console_script('densenet-train', 'train'), f'--config={folder / "child.py"}',
+                         '--config.num_epochs=3', '--helpshort'], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  assert 'densenet-train:' in done.stdout, done.stderr[-3000:]  # the help, after the config loaded
