@@ -168,6 +168,9 @@ def start(argv: list[str], *, positional: bool = False) -> None:
   if len(argv) > 1 and not positional:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()
+  # For the whole run, not only around a save: an asynchronous save fails in orbax's background thread, and the
+  # late wake-ups can come before the main thread learns of the failure. These two hooks are where native threads'
+  # errors go (threading.excepthook only sees threading.Thread's).
   sys.excepthook = without_late_wake_ups(sys.excepthook)
   sys.unraisablehook = unraisable_without_late_wake_ups(sys.unraisablehook)
   keep_accelerators_for_jax()
@@ -222,7 +225,10 @@ def close_abandoned_coroutines() -> None:
 
   For a run that ends with a failure: a save that fails part-way abandons its other writes, orbax's coroutines,
   created and never awaited. Nothing will run them once the process ends, and left to the interpreter's exit each
-  prints a RuntimeWarning after the failure's paragraph; closed, they print nothing.
+  prints a RuntimeWarning after the failure's paragraph; closed, they print nothing. A warnings filter for that
+  RuntimeWarning would not hold: the coroutines that live to the interpreter's exit are destroyed after the
+  warnings module, and CPython then applies the filter list it last read, which a library's `catch_warnings` can
+  leave as a copy without the filter (seen with flax imported).
   """
   for obj in gc.get_objects():
     # The type itself: isinstance would ask some lazy modules' proxies for their class, which can warn.
