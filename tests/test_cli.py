@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from densenet_jax import cli, platform
 from densenet_jax.platform import xla_flags
 
@@ -124,3 +126,18 @@ def test_a_config_file_imports_its_neighbours_whatever_started_the_command(tmp_p
                          '--config.num_epochs=3', '--helpshort'], cwd=ROOT, capture_output=True, text=True,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
   assert 'densenet-train:' in done.stdout, done.stderr[-3000:]  # the help, after the config loaded
+
+
+def test_convert_inspect_names_the_densenet_a_file_holds(tmp_path, capsys):
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  from densenet_jax import model as model_lib
+  from densenet_jax import weights
+  from densenet_jax.commands import convert
+  from tests.test_weights import random_variables
+
+  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, num_classes=7)
+  source = tmp_path / 'model.safetensors'
+  safetensors_numpy.save_file(weights.to_torch_state_dict(random_variables(model)), str(source))
+  convert.main(['inspect', f'--source={source}'])
+  printed = capsys.readouterr().out.splitlines()
+  assert printed == [f'{source}: torch weights, 77 arrays', f'  not a registry model: {model_lib.describe(model)}']

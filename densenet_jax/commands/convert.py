@@ -51,7 +51,7 @@ def run_inspect(args) -> None:
   framework, weights, _ = readers.read_weights(args.source)
   print(f'{args.source}: {framework} weights, {len(weights)} arrays')
   name, model = convert.infer_model(weights, framework)
-  print(f'  {name or "not a registry model"}: {convert._describe(model)}')
+  print(f'  {name or "not a registry model"}: {model_lib.describe(model)}')
 
 
 def _program_name() -> str:
