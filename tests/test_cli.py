@@ -70,6 +70,17 @@ def test_the_console_scripts_are_the_launcher_functions():
   assert all(callable(getattr(launch, function)) for _, function, _ in COMMANDS)
 
 
+def test_the_launcher_runs_each_set_up_step_before_it_imports_the_command(tmp_path, monkeypatch):
+  (tmp_path / 'probe_setup.py').write_text('import os\n\ndef step():\n  os.environ["PROBE"] = "set up"\n')
+  (tmp_path / 'probe_command.py').write_text(
+      'import os\n\nSEEN_AT_IMPORT = os.environ.get("PROBE")\n\ndef main(value):\n  return SEEN_AT_IMPORT, value\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delenv('PROBE', raising=False)
+  from densenet_jax import launch
+
+  assert launch.run('probe_command:main', ('probe_setup:step',), 5) == ('set up', 5)
+
+
 def test_every_command_starts_through_the_launcher_and_shows_its_own_flags():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
