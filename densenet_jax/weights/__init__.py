@@ -1,6 +1,6 @@
 """Pretrained weights: PyTorch (torchvision / timm) and Keras applications DenseNets -> Flax variables.
 
-Command line (see docs/pretrained.md):
+Command line (installed as a package: densenet-convert; see docs/pretrained.md):
 
     python -m densenet_jax.weights convert --source=densenet121-a639ec97.pth --model=densenet121 --output=DIR
     python -m densenet_jax.weights inspect --source=model.safetensors
