@@ -28,8 +28,9 @@ import time
 import jax
 import numpy as np
 
-from densenet_jax.training import checkpoints, integrity, reporting
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints, integrity
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.training import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Digits, a one-layer-per-block DenseNet-BC, batch 128: 11 steps per epoch, every step logged (the tests' tiny run).

@@ -40,7 +40,7 @@ from densenet_jax import memory, platform
 from densenet_jax import model as model_lib
 from densenet_jax.model import abstract_variables
 from densenet_jax.platform import xla_flags
-from densenet_jax.training.workdir import load_model
+from densenet_jax.io.workdir import load_model
 
 Params = Mapping[str, Any]
 __all__ = ['abstract_variables', 'load_model']  # Re-exported: the notebooks' one import.

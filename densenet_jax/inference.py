@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from densenet_jax import model as model_lib
-from densenet_jax import storage
 from densenet_jax.data import image_files, pipeline
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import storage
+from densenet_jax.io import workdir as workdir_lib
 
 IMAGENET_NAMES_FILE = 'imagenet_class_names.txt'  # torchvision's readable names, in sorted-synset order
 CIFAR100_NAMES_FILE = 'cifar100_class_names.txt'  # the fine labels, in the dataset's (alphabetical) order

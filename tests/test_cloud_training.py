@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import optax
 
-from densenet_jax.training import checkpoints, optim, steps
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.training import optim, steps
 
 RELEASE = os.path.join(os.path.dirname(__file__), 'data', 'release_0_1_0')
 

@@ -21,9 +21,9 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from densenet_jax import config as config_lib
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
@@ -546,7 +546,7 @@ def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninte
 
 
 def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
-  from densenet_jax.training import lock
+  from densenet_jax.io import lock
 
   mine = lock.acquire(str(tmp_path))  # this process stands for the first run
   with pytest.raises(lock.WorkdirBusy, match=f'process {os.getpid()} on host') as error:
@@ -559,7 +559,7 @@ def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
 
 def test_the_lock_of_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path, caplog):
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from densenet_jax.training import lock; '
+      [sys.executable, '-c', 'import sys, time; from densenet_jax.io import lock; '
        'lock.acquire(sys.argv[1]); print("locked", flush=True); time.sleep(600)', str(tmp_path)],
       cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert holder.stdout.readline().strip() == 'locked'

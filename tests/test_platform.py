@@ -47,7 +47,7 @@ def test_given_form_fields_win_and_the_others_follow_them(given, backend, expect
 
 def test_a_config_is_filled_in_once_and_a_recorded_form_is_kept():
   from densenet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from densenet_jax.training import workdir  # pylint: disable=import-outside-toplevel
+  from densenet_jax.io import workdir  # pylint: disable=import-outside-toplevel
   config = config_lib.get_config()
   filled = workdir.with_form(config, 'gpu')
   assert [filled[f] for f in platform.FORM_FIELDS] == ['xla', False, 0, 'jax']

@@ -17,9 +17,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax import config as config_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks import kill_resume
-from densenet_jax.training import checkpoints
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.training import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from densenet_jax import storage
+from densenet_jax.io import storage
 from densenet_jax.data import image_rule
 from densenet_jax.data import preprocessing as pp
 

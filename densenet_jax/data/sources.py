@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import storage
+from densenet_jax.io import storage
 
 # Split sizes of the TFDS datasets (used before the data is prepared; afterwards the TFDS metadata counts).
 TFDS_SPLIT_SIZES = {

@@ -21,12 +21,12 @@ import optax
 from absl import logging
 
 from densenet_jax import config as config_lib
-from densenet_jax import cloud
 from densenet_jax import model as model_lib
-from densenet_jax import platform, storage
+from densenet_jax import platform
 from densenet_jax.data import pipeline
-from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints, cloud, lock, storage
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.training import optim, parallel, reporting, stopping
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
 
 

@@ -20,8 +20,7 @@ import time
 
 from absl import logging
 
-from densenet_jax import cloud, storage
-from densenet_jax.training import lock
+from densenet_jax.io import cloud, lock, storage
 
 HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 300.0  # five missed heartbeats

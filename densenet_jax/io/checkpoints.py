@@ -24,8 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from densenet_jax import storage
-from densenet_jax.training import integrity
+from densenet_jax.io import integrity, storage
 
 INCOMPLETE_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint whose write did not finish
 COMMIT_FILE = 'commit_success.txt'  # on gs://: written last into a checkpoint whose write finished

@@ -9,7 +9,7 @@
 
     model, variables = load_model(path)     # any of: a workdir, WORKDIR/checkpoints/<step>, converted weights
 
-WORKDIR and every path here may be local or gs://bucket/... (densenet_jax.storage).
+WORKDIR and every path here may be local or gs://bucket/... (densenet_jax.io.storage).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from flax import traverse_util
 
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
-from densenet_jax import platform, storage
-from densenet_jax.training import checkpoints
+from densenet_jax import platform
+from densenet_jax.io import checkpoints, storage
 
 CONFIG_FILE = 'config.json'
 CHECKPOINTS_DIR = 'checkpoints'
@@ -255,7 +255,7 @@ def _model_from_metadata(path: str, metadata: Mapping[str, Any]) -> model_lib.De
   if metadata.get('num_classes') is None:
     raise ValueError(
         f'{path} holds no classifier (backbone weights) or no metadata; read its variables with '
-        'densenet_jax.training.workdir.load_variables(path).'
+        'densenet_jax.io.workdir.load_variables(path).'
     )
   if metadata.get('architecture'):
     architecture = {**metadata['architecture'], 'block_sizes': tuple(metadata['architecture']['block_sizes'])}

@@ -18,7 +18,7 @@ import time
 from absl import logging
 
 from densenet_jax import config as config_lib
-from densenet_jax import storage
+from densenet_jax.io import storage
 
 LOCK_FILE = '.lock'
 
@@ -110,7 +110,7 @@ def held(workdir: str, *, enabled: bool = True):
     yield
     return
   if storage.is_cloud(workdir):
-    from densenet_jax.training import cloud_lock  # pylint: disable=import-outside-toplevel  # it imports this module
+    from densenet_jax.io import cloud_lock  # pylint: disable=import-outside-toplevel  # it imports this module
 
     with cloud_lock.held(workdir):
       yield
