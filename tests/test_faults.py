@@ -23,6 +23,7 @@ from orbax.checkpoint._src.path import atomicity
 from densenet_jax import config as config_lib
 from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
+from densenet_jax.io import loading
 from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
@@ -173,7 +174,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1)
   assert checkpointer.latest_step() == STEPS_PER_EPOCH
   checkpointer.close()
-  params = workdir_lib.load_variables(str(tmp_path))['params']
+  params = loading.load_variables(str(tmp_path))['params']
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
@@ -503,7 +504,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_pat
   inject(directory / '2')
 
   # Readers (evaluate.py, init_from) skip it without touching the workdir, or refuse it when named.
-  first = workdir_lib.load_variables(str(tmp_path))['params']
+  first = loading.load_variables(str(tmp_path))['params']
   for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(checkpoints.CheckpointCorruptError, match=str(directory / '2')):

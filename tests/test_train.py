@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
+from densenet_jax.io import loading
 from densenet_jax.io import workdir as workdir_lib
 from densenet_jax import config as config_lib
 from densenet_jax.data import pipeline
@@ -48,7 +49,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def final_params(workdir):
-  return workdir_lib.load_variables(workdir)['params']
+  return loading.load_variables(workdir)['params']
 
 
 def test_learning_rate_schedule_boundaries():
@@ -172,7 +173,7 @@ def test_a_run_may_resume_with_another_form_of_the_same_model(tmp_path):
 def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
   source = tiny_config(num_epochs=1, lr_boundaries_epochs=())
   training.train_and_evaluate(source, str(tmp_path))
-  pretrained = workdir_lib.load_variables(str(tmp_path))
+  pretrained = loading.load_variables(str(tmp_path))
 
   def fresh_state(config, num_classes):
     model = model_lib.from_config(config, num_classes=num_classes, input_channels=1)

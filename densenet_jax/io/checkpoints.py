@@ -98,7 +98,7 @@ class Checkpointer:
   """Saves and restores training states of one directory (a thin layer over CheckpointManager).
 
   Opening one deletes the unfinished checkpoints of a crashed run (with a warning), so do not open it on
-  the workdir of a run in progress; read such a workdir with workdir.load_variables.
+  the workdir of a run in progress; read such a workdir with loading.load_variables.
   """
 
   def __init__(self, directory: str, *, keep: int, asynchronous: bool = True):
@@ -255,7 +255,7 @@ def read_metadata(path: str) -> dict[str, Any]:
 
 def load_variables(path: str) -> dict[str, Any]:
   """Reads {'params', 'batch_stats'} as numpy arrays from a checkpoint written by save_variables or from one step
-  directory of a training run (workdir.load_variables also takes a workdir)."""
+  directory of a training run (loading.load_variables also takes a workdir)."""
   path = storage.absolute(path)
   item = path
   if storage.isdir(f'{path}/default'):  # a step directory written by CheckpointManager

@@ -24,7 +24,7 @@ from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
 from densenet_jax import platform
 from densenet_jax.data import pipeline
-from densenet_jax.io import checkpoints, cloud, lock, storage
+from densenet_jax.io import checkpoints, cloud, loading, lock, storage
 from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.training import optim, parallel, reporting, stopping
 from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
@@ -144,7 +144,7 @@ def _check_buckets(*named_paths: tuple[str, str | None]) -> None:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   use_compilation_cache(config.compilation_cache_dir)
   backend = jax.default_backend()
-  config = workdir_lib.with_form(config, backend, workdir_lib.recorded_config(workdir))
+  config = loading.with_form(config, backend, loading.recorded_config(workdir))
   logging.info('Computing on %s with %s.', backend,
                ', '.join(f'{field}={config[field]!r}' for field in platform.FORM_FIELDS))
   workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
@@ -307,7 +307,7 @@ def _summarize_train_metrics(pending, step: int, steps_per_epoch: int, last_save
 
 def _init_from(state: TrainState, path: str, model, rng: jax.Array, state_sharding) -> TrainState:
   """Starts from another checkpoint's weights; a classifier of another shape is re-initialized."""
-  variables = model_lib.replace_head(workdir_lib.load_variables(path), model, rng)
+  variables = model_lib.replace_head(loading.load_variables(path), model, rng)
 
   def place(state, params, batch_stats):
     return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
@@ -322,14 +322,14 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
   """Evaluates saved weights (a workdir, one of its checkpoints, or converted weights) on a split.
 
-  The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
-  dtype, by default the workdir's own config.json (workdir.run_config).
+  The model is the one the weights record (loading.load_model); `config` gives the data, batch size and compute
+  dtype, by default the workdir's own config.json (loading.run_config).
   """
   _check_buckets(('--checkpoint', checkpoint))
   if not storage.exists(checkpoint):
     raise FileNotFoundError(f'No checkpoint at {checkpoint}: give a training workdir, one of its '
                             'checkpoints/<step> directories, or converted weights.')
-  config = workdir_lib.run_config(checkpoint) if config is None else config
+  config = loading.run_config(checkpoint) if config is None else config
   config_lib.validate(config)
   _check_buckets(('config.data_dir', config.data_dir))
   use_compilation_cache(config.compilation_cache_dir)
@@ -339,7 +339,7 @@ def evaluate_checkpoint(
   split = split or config.eval_split
   if split not in info.eval_splits and split != 'train':
     raise config_lib.ConfigError(f'{info.name} has no split {split!r}; it has {", ".join(info.eval_splits)}.')
-  model, variables = workdir_lib.load_model(checkpoint, dtype=jnp.dtype(config.dtype), kernels=config.kernels)
+  model, variables = loading.load_model(checkpoint, dtype=jnp.dtype(config.dtype), kernels=config.kernels)
   if model.num_classes != info.num_classes:
     raise config_lib.ConfigError(
         f'The weights at {checkpoint} have {model.num_classes} classes, {info.name} has {info.num_classes}: '
