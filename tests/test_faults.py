@@ -547,12 +547,16 @@ def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninte
 
 
 def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
+  from densenet_jax import cli
   from densenet_jax.io import lock
 
   mine = lock.acquire(str(tmp_path))  # this process stands for the first run
   with pytest.raises(lock.WorkdirBusy, match=f'process {os.getpid()} on host') as error:
     training.train_and_evaluate(tiny_config(), str(tmp_path))
   assert str(tmp_path / '.lock') in str(error.value)
+  # Not a mistake in the config: the same command succeeds once the other run has ended.
+  assert not isinstance(error.value, config_lib.ConfigError)
+  assert next(v for k, v in cli.FAILURES.items() if isinstance(error.value, k)) == ('Workdir in use', 2)
   assert not (tmp_path / 'checkpoints').exists()
   lock.release(str(tmp_path), mine)
   assert not (tmp_path / '.lock').exists()

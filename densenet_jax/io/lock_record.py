@@ -10,13 +10,14 @@ import os
 import socket
 import time
 
-from densenet_jax import config as config_lib
-
 LOCK_FILE = '.lock'
 
 
-class WorkdirBusy(config_lib.ConfigError):
-  """Another process trains in the workdir; the message names it."""
+class WorkdirBusy(RuntimeError):
+  """Another process trains in the workdir; the message names it.
+
+  Not a config error: the command is right, and it succeeds once the other run has ended.
+  """
 
 
 def _alive(pid: int) -> bool:
