@@ -18,7 +18,7 @@ platform.prepare_environment()  # Before TensorFlow is imported and before JAX c
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from densenet_jax.training import loop  # noqa: E402
+from densenet_jax import evaluation  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file of the dataset (default: the run\'s own).',
@@ -34,7 +34,7 @@ def main(argv):
   if not checkpoint:
     raise app.UsageError('Give --checkpoint=DIR (or --workdir=DIR).')
   cli.start(argv)
-  metrics = cli.run_reporting_failures(lambda: loop.evaluate_checkpoint(
+  metrics = cli.run_reporting_failures(lambda: evaluation.evaluate_checkpoint(
       checkpoint, FLAGS.config, split=FLAGS.split, ten_crop=FLAGS.ten_crop))
   print(cli.format_metrics(metrics))
 

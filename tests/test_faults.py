@@ -28,6 +28,7 @@ from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
+from densenet_jax import evaluation
 from densenet_jax.training import loop as training
 from tests.test_train import tiny_config
 from tests.test_train_processes import ROOT
@@ -445,7 +446,7 @@ def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):
   def crash(self, state):
     raise RuntimeError('evaluation crashed')
 
-  with mock.patch.object(training.Evaluator, '__call__', crash):
+  with mock.patch.object(evaluation.Evaluator, '__call__', crash):
     with pytest.raises(RuntimeError, match='evaluation crashed'):
       training.train_and_evaluate(config, str(tmp_path))
   assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
@@ -653,16 +654,16 @@ def test_evaluating_weights_of_another_architecture_or_an_empty_workdir_is_one_p
   recorded['architecture']['growth_rate'] = 8  # as if the weights came from another run
   (workdir / 'config.json').write_text(json.dumps(recorded))
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the architecture recorded') as error:
-    training.evaluate_checkpoint(str(workdir))
+    evaluation.evaluate_checkpoint(str(workdir))
   assert str(workdir / 'config.json') in str(error.value) and '\n' not in str(error.value)
 
   empty = tmp_path / 'empty'
   empty.mkdir()
   workdir_lib.record_config(config, str(empty))  # a run that stopped before its first checkpoint
   with pytest.raises(FileNotFoundError, match='workdir without any complete checkpoint'):
-    training.evaluate_checkpoint(str(empty))
+    evaluation.evaluate_checkpoint(str(empty))
   with pytest.raises(FileNotFoundError, match='No checkpoint at'):
-    training.evaluate_checkpoint(str(tmp_path / 'nowhere'))
+    evaluation.evaluate_checkpoint(str(tmp_path / 'nowhere'))
 
 
 def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tmp_path):

@@ -27,6 +27,7 @@ from densenet_jax.training import optim
 from densenet_jax.training import reporting
 from densenet_jax.training import steps
 from densenet_jax.data import sources
+from densenet_jax import evaluation
 from densenet_jax.training import loop as training
 
 
@@ -95,7 +96,7 @@ def test_train_and_evaluate_learns_digits_and_writes_outputs(tmp_path):
     assert json.load(f)['dataset'] == 'digits'
   assert checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == final['step']
   # evaluate.py's path: the saved weights give the same test accuracy.
-  evaluated = training.evaluate_checkpoint(str(tmp_path), config)
+  evaluated = evaluation.evaluate_checkpoint(str(tmp_path), config)
   assert evaluated['eval_accuracy'] == pytest.approx(final['eval_accuracy'])
 
 
