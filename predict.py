@@ -17,8 +17,8 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from densenet_jax import cli, data, inference  # noqa: E402
-from densenet_jax.io import cloud  # noqa: E402
 from densenet_jax.data import image_files  # noqa: E402
+from densenet_jax.io import cloud  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None, 'Workdir, checkpoint directory or converted weights.')
