@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 from absl import app, flags, logging
 
-from densenet_jax import cloud
 from densenet_jax import config as config_lib
 from densenet_jax import data, model
-from densenet_jax.training import checkpoints, lock, parallel, steps, stopping, workdir
+from densenet_jax.io import checkpoints, cloud, lock, workdir
+from densenet_jax.training import parallel, steps, stopping
 
 T = TypeVar('T')
 

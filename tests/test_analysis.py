@@ -19,8 +19,8 @@ from configs import quickstart
 from densenet_jax import analysis
 from densenet_jax.model import layers
 from densenet_jax import cli
-from densenet_jax.training import workdir as workdir_lib
-from densenet_jax.training import checkpoints
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.io import checkpoints
 from densenet_jax import config as config_lib
 from densenet_jax import platform
 from densenet_jax import model as model_lib

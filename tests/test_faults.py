@@ -22,12 +22,14 @@ from orbax.checkpoint._src.path import atomicity
 
 from chosen import chosen_form
 from densenet_jax import config as config_lib
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
+from densenet_jax import evaluation
 from densenet_jax.training import loop as training
 from tests.test_cli import CPP_LOG_LINE
 from tests.test_train import tiny_config
@@ -166,10 +168,10 @@ def test_a_read_only_compilation_cache_dir_is_not_given_to_jax(tmp_path, caplog)
   denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
   with mock.patch.object(jax.config, 'update') as update:
     with mock.patch('tempfile.mkstemp', side_effect=denied), caplog.at_level(logging.WARNING):
-      training.use_compilation_cache(str(tmp_path))  # root ignores chmod: simulate what a user gets
+      evaluation.use_compilation_cache(str(tmp_path))  # root ignores chmod: simulate what a user gets
     assert not update.called
     assert 'The compilation cache is off' in caplog.text and os.strerror(errno.EACCES) in caplog.text
-    training.use_compilation_cache(str(tmp_path / 'cache'))  # writable: created and used
+    evaluation.use_compilation_cache(str(tmp_path / 'cache'))  # writable: created and used
     update.assert_called_once_with('jax_compilation_cache_dir', str(tmp_path / 'cache'))
   assert os.listdir(tmp_path / 'cache') == []  # the file that tested it is gone
 
@@ -241,7 +243,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1)
   assert checkpointer.latest_step() == STEPS_PER_EPOCH
   checkpointer.close()
-  params = workdir_lib.load_variables(str(tmp_path))['params']
+  params = loading.load_variables(str(tmp_path))['params']
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
@@ -512,7 +514,7 @@ def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):
   def crash(self, state):
     raise RuntimeError('evaluation crashed')
 
-  with mock.patch.object(training.Evaluator, '__call__', crash):
+  with mock.patch.object(evaluation.Evaluator, '__call__', crash):
     with pytest.raises(RuntimeError, match='evaluation crashed'):
       training.train_and_evaluate(config, str(tmp_path))
   assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
@@ -571,7 +573,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_pat
   inject(directory / '2')
 
   # Readers (evaluate.py, init_from) skip it without touching the workdir, or refuse it when named.
-  first = workdir_lib.load_variables(str(tmp_path))['params']
+  first = loading.load_variables(str(tmp_path))['params']
   for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(checkpoints.CheckpointCorruptError, match=str(directory / '2')):
@@ -614,12 +616,16 @@ def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninte
 
 
 def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
-  from densenet_jax.training import lock
+  from densenet_jax import cli
+  from densenet_jax.io import lock
 
   mine = lock.acquire(str(tmp_path))  # this process stands for the first run
   with pytest.raises(lock.WorkdirBusy, match=f'process {os.getpid()} on host') as error:
     training.train_and_evaluate(tiny_config(), str(tmp_path))
   assert str(tmp_path / '.lock') in str(error.value)
+  # Not a mistake in the config: the same command succeeds once the other run has ended.
+  assert not isinstance(error.value, config_lib.ConfigError)
+  assert next(v for k, v in cli.FAILURES.items() if isinstance(error.value, k)) == ('Workdir in use', 2)
   assert not (tmp_path / 'checkpoints').exists()
   lock.release(str(tmp_path), mine)
   assert not (tmp_path / '.lock').exists()
@@ -627,7 +633,7 @@ def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
 
 def test_the_lock_of_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path, caplog):
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from densenet_jax.training import lock; '
+      [sys.executable, '-c', 'import sys, time; from densenet_jax.io import lock; '
        'lock.acquire(sys.argv[1]); print("locked", flush=True); time.sleep(600)', str(tmp_path)],
       cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert holder.stdout.readline().strip() == 'locked'
@@ -737,16 +743,16 @@ def test_evaluating_weights_of_another_architecture_or_an_empty_workdir_is_one_p
   recorded['architecture']['growth_rate'] = 8  # as if the weights came from another run
   (workdir / 'config.json').write_text(json.dumps(recorded))
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the architecture recorded') as error:
-    training.evaluate_checkpoint(str(workdir))
+    evaluation.evaluate_checkpoint(str(workdir))
   assert str(workdir / 'config.json') in str(error.value) and '\n' not in str(error.value)
 
   empty = tmp_path / 'empty'
   empty.mkdir()
   workdir_lib.record_config(config, str(empty))  # a run that stopped before its first checkpoint
   with pytest.raises(FileNotFoundError, match='workdir without any complete checkpoint'):
-    training.evaluate_checkpoint(str(empty))
+    evaluation.evaluate_checkpoint(str(empty))
   with pytest.raises(FileNotFoundError, match='No checkpoint at'):
-    training.evaluate_checkpoint(str(tmp_path / 'nowhere'))
+    evaluation.evaluate_checkpoint(str(tmp_path / 'nowhere'))
 
 
 def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tmp_path):

@@ -18,15 +18,17 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from chosen import chosen_form
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax import config as config_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
 from densenet_jax.training import steps
 from densenet_jax.data import sources
+from densenet_jax import evaluation
 from densenet_jax.training import loop as training
 
 
@@ -49,7 +51,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def final_params(workdir):
-  return workdir_lib.load_variables(workdir)['params']
+  return loading.load_variables(workdir)['params']
 
 
 def test_learning_rate_schedule_boundaries():
@@ -95,7 +97,7 @@ def test_train_and_evaluate_learns_digits_and_writes_outputs(tmp_path):
     assert json.load(f)['dataset'] == 'digits'
   assert checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == final['step']
   # evaluate.py's path: the saved weights give the same test accuracy.
-  evaluated = training.evaluate_checkpoint(str(tmp_path), config)
+  evaluated = evaluation.evaluate_checkpoint(str(tmp_path), config)
   assert evaluated['eval_accuracy'] == pytest.approx(final['eval_accuracy'])
 
 
@@ -173,7 +175,7 @@ def test_a_run_may_resume_with_another_form_of_the_same_model(tmp_path):
 def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
   source = tiny_config(num_epochs=1, lr_boundaries_epochs=())
   training.train_and_evaluate(source, str(tmp_path))
-  pretrained = workdir_lib.load_variables(str(tmp_path))
+  pretrained = loading.load_variables(str(tmp_path))
 
   def fresh_state(config, num_classes):
     model = model_lib.from_config(config, num_classes=num_classes, input_channels=1, **chosen_form(config))

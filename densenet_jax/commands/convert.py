@@ -13,9 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from densenet_jax import cloud, storage
 from densenet_jax import model as model_lib
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints, cloud, storage
 from densenet_jax.summary import count_params
 from densenet_jax.weights import convert, readers
 

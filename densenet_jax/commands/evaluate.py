@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from densenet_jax import cli
-from densenet_jax.training import loop
+from densenet_jax import cli, evaluation
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file of the dataset (default: the run\'s own).',
@@ -31,7 +30,7 @@ def evaluate(argv: list[str]) -> None:
   if not checkpoint:
     raise app.UsageError('Give --checkpoint=DIR (or --workdir=DIR).')
   cli.start(argv)
-  metrics = cli.run_reporting_failures(lambda: loop.evaluate_checkpoint(
+  metrics = cli.run_reporting_failures(lambda: evaluation.evaluate_checkpoint(
       checkpoint, FLAGS.config, split=FLAGS.split, ten_crop=FLAGS.ten_crop))
   print(cli.format_metrics(metrics))
 

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from densenet_jax import cli, cloud, data, inference
+from densenet_jax import cli, data, inference
 from densenet_jax.data import image_files
+from densenet_jax.io import cloud
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None, 'Workdir, checkpoint directory or converted weights.')

@@ -21,9 +21,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from densenet_jax import storage
 from densenet_jax.data import image_rule
 from densenet_jax.data import preprocessing as pp
+from densenet_jax.io import storage
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')  # what TensorFlow decodes; GIF: the first frame
 CENTER_CROP_DATASETS = ('imagenet2012', 'image_folder')

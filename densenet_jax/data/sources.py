@@ -12,8 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import storage
 from densenet_jax.data import DataError
+from densenet_jax.io import storage
 
 # Split sizes of the TFDS datasets (used before the data is prepared; afterwards the TFDS metadata counts).
 TFDS_SPLIT_SIZES = {

@@ -42,8 +42,8 @@ Nothing in the training loop imports this package: conversion is done once, befo
 """
 
 from densenet_jax.model import WeightMismatchError, replace_head
-from densenet_jax.training.checkpoints import read_metadata, save_variables
-from densenet_jax.training.workdir import load_variables
+from densenet_jax.io.checkpoints import read_metadata, save_variables
+from densenet_jax.io.loading import load_variables
 from densenet_jax.weights.convert import (
     KERAS_BN_EPSILON,
     from_keras,
