@@ -1,60 +1,10 @@
 """Predicts the classes of image files: python predict.py --checkpoint=DIR IMAGE_OR_FOLDER... [--top_k=5]
 
---checkpoint takes a training workdir (its latest checkpoint), one of its checkpoints/<step> directories, or
-weights written by `python -m densenet_jax.weights convert`. The model, its input size, the preprocessing (the
-eval pipeline's) and the class names come from what the checkpoint records. Folders are searched recursively for
-.jpg/.jpeg/.png/.bmp/.gif files. Prints the top-k classes with their probabilities per image; an unreadable file
-gets one line on stderr, the other files are still predicted, and the exit code is then 2. --json=FILE also
-writes the results as JSON. Any of these paths may be gs://BUCKET/... (docs/cloud_storage.md).
+The command is densenet_jax/commands/predict.py (installed: `densenet-predict`); densenet_jax.launch prepares the
+process before it loads.
 """
 
-from densenet_jax import platform
-
-platform.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
-
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-
-from densenet_jax import cli, cloud, data, inference  # noqa: E402
-from densenet_jax.data import image_files  # noqa: E402
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('checkpoint', None, 'Workdir, checkpoint directory or converted weights.')
-flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
-flags.DEFINE_integer('batch_size', inference.DEFAULT_BATCH_SIZE, 'Images per forward pass.')
-flags.DEFINE_string('json', None, 'Also write the predictions (and errors) to this JSON file.')
-
-
-def predict(paths):
-  for what, path in (('--checkpoint', FLAGS.checkpoint), ('--json', FLAGS.json), *(('image', p) for p in paths)):
-    if path:
-      cloud.check_bucket(path, what)
-  predictor = inference.load_predictor(FLAGS.checkpoint)
-  predictions, errors = inference.predict_files(
-      predictor, paths, top_k_classes=FLAGS.top_k, batch_size=FLAGS.batch_size,
-      on_error=lambda line: print(f'Cannot read {line}', file=sys.stderr, flush=True))
-  for prediction in predictions:
-    print(inference.format_prediction(prediction))
-  if FLAGS.json:
-    inference.write_json(FLAGS.json, predictor, predictions, errors)
-  if errors:
-    raise data.BadImageError(f'{len(errors)} of {len(errors) + len(predictions)} image files could not be read '
-                             '(listed above); the others were predicted.')
-  if not predictions:
-    raise FileNotFoundError(f'No image files ({", ".join(image_files.IMAGE_EXTENSIONS)}) in {paths}.')
-
-
-def main(argv):
-  if not FLAGS.checkpoint:
-    raise app.UsageError('Give --checkpoint=DIR.')
-  if len(argv) < 2:
-    raise app.UsageError('Give one or more image files or folders.')
-  if FLAGS.top_k < 1:
-    raise app.UsageError('--top_k must be at least 1.')
-  cli.start(argv, positional=True)
-  cli.run_reporting_failures(lambda: predict(argv[1:]))
-
+from densenet_jax import launch
 
 if __name__ == '__main__':
-  cli.main(main)
+  launch.predict()

@@ -28,8 +28,10 @@ import time
 import jax
 import numpy as np
 
-from densenet_jax.training import checkpoints, integrity, reporting
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints, integrity
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.training import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Digits, a one-layer-per-block DenseNet-BC, batch 128: 11 steps per epoch, every step logged (the tests' tiny run).
@@ -231,8 +233,8 @@ def run(directory: str, kills: int, epochs: int, seed: int, *, warm_up: bool = T
   final, reference_final = output.strip().splitlines()[-1], reference_output.strip().splitlines()[-1]
   if final != reference_final:
     raise AssertionError(f'final metrics {final!r} differ from the uninterrupted run {reference_final!r}')
-  params = jax.tree.leaves(workdir_lib.load_variables(workdir))
-  reference_params = jax.tree.leaves(workdir_lib.load_variables(reference))
+  params = jax.tree.leaves(loading.load_variables(workdir))
+  reference_params = jax.tree.leaves(loading.load_variables(reference))
   if not all(np.array_equal(a, b) for a, b in zip(params, reference_params)):
     raise AssertionError('the final weights differ from the uninterrupted run')
   final_steps = check_checkpoints(workdir)

@@ -1,6 +1,6 @@
 """Looking inside a DenseNet: feature reuse (the paper's Figure 5), channel growth, activations, memory.
 
-    model, variables = load_model(WORKDIR)          # a training workdir or converted weights (workdir.py)
+    model, variables = load_model(WORKDIR)          # a training workdir or converted weights (io/loading.py)
     reuse = feature_reuse(variables['params'])      # one BlockReuse per dense block
     plot_feature_reuse(reuse)                       # the heat maps of Figure 5
 
@@ -40,7 +40,7 @@ from densenet_jax import memory, platform
 from densenet_jax import model as model_lib
 from densenet_jax.model import abstract_variables
 from densenet_jax.platform import xla_flags
-from densenet_jax.training.workdir import load_model
+from densenet_jax.io.loading import load_model
 
 Params = Mapping[str, Any]
 __all__ = ['abstract_variables', 'load_model']  # Re-exported: the notebooks' one import.

@@ -1,8 +1,8 @@
-"""What the entry points (train.py, evaluate.py, predict.py) share: flags, logging, multi-process start, and the table
-of failures that end a run with one paragraph and an exit code.
+"""What the commands (densenet_jax/commands/) share: flags, logging, multi-process start, and the table of failures
+that end a run with one paragraph and an exit code.
 
-The entry points call `densenet_jax.platform.prepare_environment()` first, before anything imports TensorFlow or
-lets JAX compute.
+The commands start through densenet_jax.launch, which calls `densenet_jax.platform.prepare_environment()` before
+this module and the libraries it imports are loaded.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from absl import app, flags, logging
 
-from densenet_jax import cloud
 from densenet_jax import config as config_lib
 from densenet_jax import data, model
-from densenet_jax.training import checkpoints, lock, parallel, steps, stopping, workdir
+from densenet_jax.io import checkpoints, cloud, lock, workdir
+from densenet_jax.training import parallel, steps, stopping
 
 T = TypeVar('T')
 
@@ -35,7 +35,7 @@ FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that
     model.WeightMismatchError: ('Weights do not fit', 2),  # an evaluated or init_from checkpoint of another model
     steps.TrainingDiverged: ('Training stopped', 1),
     FileNotFoundError: ('Error', 2),  # A dataset not prepared, a missing image folder, checkpoint or init_from.
-    data.BadImageError: ('Data error', 2),
+    data.DataError: ('Data error', 2),  # an image folder without images, a bad image file (BadImageError)
     checkpoints.CheckpointWriteError: ('Checkpoint error', 1),
     workdir.DiskFullError: ('Disk full', 1),
     checkpoints.CheckpointCorruptError: ('Checkpoint error', 1),
@@ -57,14 +57,11 @@ def keep_accelerators_for_jax() -> None:
 def show_only_own_info_logs() -> None:
   """Keeps every library's warnings and errors on the console, but only this project's INFO lines."""
   package = os.path.dirname(os.path.abspath(__file__))
-  scripts = os.path.dirname(package)  # train.py, evaluate.py
 
   def own_or_important(record: python_logging.LogRecord) -> bool:
-    path = os.path.abspath(record.pathname)
     if _reported_disk_full(record):
       return False
-    return (record.levelno >= python_logging.WARNING or path.startswith(package + os.sep)
-            or os.path.dirname(path) == scripts)
+    return record.levelno >= python_logging.WARNING or os.path.abspath(record.pathname).startswith(package + os.sep)
 
   logging.get_absl_handler().addFilter(own_or_important)
 
@@ -94,10 +91,32 @@ def _config_error(message: str) -> None:
   sys.exit(2)
 
 
+def config_folder_on_path(argv: list[str]) -> None:
+  """Lets a --config file import the files beside it, as configs/cifar10.py does (`from configs import ...`).
+
+  `python train.py` finds them because the script's folder, the checkout's root, comes first on sys.path. A console
+  script starts from its bin folder and the config files are not installed, so when the folder of the --config
+  file is a package (it holds an __init__.py), its parent goes first on sys.path.
+  """
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == '--':
+      break
+    name, has_value, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name != 'config':
+      continue
+    if not has_value:  # --config PATH
+      value = argv[i + 1] if i + 1 < len(argv) else ''
+    folder = os.path.dirname(os.path.abspath(value.split(':', 1)[0]))  # PATH[:ARGUMENT]
+    parent = os.path.dirname(folder)
+    if value and os.path.isfile(os.path.join(folder, '__init__.py')) and parent not in sys.path:
+      sys.path.insert(0, parent)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Flags parser for absl's app.run: every mistake in the flags or the config file (a missing or broken file, a
   wrong ':ARGUMENT', a value of the wrong type, an override of a field the config lacks such as
   --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
+  config_folder_on_path(argv)
   try:
     remaining = flags.FLAGS(argv)
     config = flags.FLAGS.config if 'config' in flags.FLAGS else None
@@ -149,6 +168,9 @@ def start(argv: list[str], *, positional: bool = False) -> None:
   if len(argv) > 1 and not positional:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   show_only_own_info_logs()
+  # For the whole run, not only around a save: an asynchronous save fails in orbax's background thread, and the
+  # late wake-ups can come before the main thread learns of the failure. These two hooks are where native threads'
+  # errors go (threading.excepthook only sees threading.Thread's).
   sys.excepthook = without_late_wake_ups(sys.excepthook)
   sys.unraisablehook = unraisable_without_late_wake_ups(sys.unraisablehook)
   keep_accelerators_for_jax()
@@ -203,7 +225,10 @@ def close_abandoned_coroutines() -> None:
 
   For a run that ends with a failure: a save that fails part-way abandons its other writes, orbax's coroutines,
   created and never awaited. Nothing will run them once the process ends, and left to the interpreter's exit each
-  prints a RuntimeWarning after the failure's paragraph; closed, they print nothing.
+  prints a RuntimeWarning after the failure's paragraph; closed, they print nothing. A warnings filter for that
+  RuntimeWarning would not hold: the coroutines that live to the interpreter's exit are destroyed after the
+  warnings module, and CPython then applies the filter list it last read, which a library's `catch_warnings` can
+  leave as a copy without the filter (seen with flax imported).
   """
   for obj in gc.get_objects():
     # The type itself: isinstance would ask some lazy modules' proxies for their class, which can warn.
@@ -215,6 +240,15 @@ def format_metrics(metrics: dict[str, Any]) -> str:
   return ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())
 
 
-def main(main_function: Callable[[list[str]], None]) -> None:
-  """app.run with the config-aware flags parser."""
-  app.run(main_function, flags_parser=parse_flags)
+def main(main_function: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+  """app.run of a command's `main_function` on `argv` (default: sys.argv), with the config-aware flags parser.
+
+  absl's usage text is the __main__ module's docstring and --helpshort lists the flags that module defined, but
+  __main__ is only the script that started the command (train.py, a console script's wrapper): both come from the
+  command's module instead.
+  """
+  command = sys.modules[main_function.__module__]
+  sys.modules['__main__'].__doc__ = command.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(command):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  app.run(main_function, argv=None if argv is None else list(argv), flags_parser=parse_flags)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 
 import ml_collections
 
@@ -112,20 +113,67 @@ def _check_known_fields(config: ml_collections.ConfigDict) -> None:
       )
 
 
+def _non_finite_numbers(value, name: str):
+  """(name, value) of every NaN or infinite float in `value`, a field of any type: ConfigDicts, dicts, tuples
+  and lists are walked, so that a NaN nested anywhere is found."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    for key, item in value.items():
+      yield from _non_finite_numbers(item, f'{name}.{key}')
+  elif isinstance(value, (tuple, list)):
+    for i, item in enumerate(value):
+      yield from _non_finite_numbers(item, f'{name}[{i}]')
+  elif isinstance(value, float) and not math.isfinite(value):
+    yield name, value
+
+
+def _check_finite(config: ml_collections.ConfigDict) -> None:
+  """NaN passes every range check (each comparison is False) and would only show as a NaN loss after
+  compiling; an infinity is never a meaningful rate, factor or number of epochs."""
+  found = next(_non_finite_numbers(config, 'config'), None)
+  if found is not None:
+    name, value = found
+    raise ConfigError(f'{name}={value} is not a finite number: give a finite value (the defaults and the meaning '
+                      'of every field are in densenet_jax/config.py).')
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_architecture(architecture: ml_collections.ConfigDict) -> None:
+  """The fields of a 'cifar_densenet': their types and ranges here, then the depth rule of the builder
+  (registry.cifar_densenet), so that a bad value is named before the model is built or traced."""
+  given = set(architecture.keys())
+  if given != set(ARCHITECTURE_FIELDS):
+    raise ConfigError(
+        "config.model='cifar_densenet' needs config.architecture with exactly the fields "
+        f'{sorted(ARCHITECTURE_FIELDS)}; got {sorted(given)}.'
+    )
+  depth, growth_rate = architecture.depth, architecture.growth_rate
+  bottleneck, compression = architecture.bottleneck, architecture.compression
+  if not _is_int(depth) or depth < 1:
+    raise ConfigError(f'config.architecture.depth must be a positive whole number of layers (e.g. 100 for '
+                      f'DenseNet-BC L=100), got {depth!r}.')
+  if not _is_int(growth_rate) or growth_rate < 1:
+    raise ConfigError(f'config.architecture.growth_rate must be a positive whole number of channels that each '
+                      f'dense layer adds (the paper uses 12, 24 or 40), got {growth_rate!r}.')
+  if not isinstance(bottleneck, bool):
+    raise ConfigError(f'config.architecture.bottleneck must be True (DenseNet-B/BC) or False, got {bottleneck!r}.')
+  if not isinstance(compression, (int, float)) or isinstance(compression, bool) or not 0 < compression <= 1:
+    raise ConfigError(f'config.architecture.compression must be a number in (0, 1]: the fraction of channels a '
+                      f'transition keeps (0.5 for DenseNet-BC, 1 for none), got {compression!r}.')
+  try:
+    registry.cifar_densenet(depth, growth_rate, bottleneck=bottleneck, compression=compression)
+  except (ValueError, TypeError) as error:
+    raise ConfigError(f'config.architecture.depth={depth}: {error}') from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks fields, types and values that do not need the data or the devices."""
   _check_known_fields(config)
+  _check_finite(config)
   if config.model == 'cifar_densenet':
-    given = set(config.architecture.keys())
-    if given != set(ARCHITECTURE_FIELDS):
-      raise ConfigError(
-          "config.model='cifar_densenet' needs config.architecture with exactly the fields "
-          f'{sorted(ARCHITECTURE_FIELDS)}; got {sorted(given)}.'
-      )
-    try:
-      registry.cifar_densenet(**config.architecture.to_dict())
-    except (ValueError, TypeError) as error:
-      raise ConfigError(f'config.architecture: {error}') from 
+    _check_architecture(config.architecture)
   elif config.model not in registry.MODELS:
     raise ConfigError(
         f'config.model={config.model!r} is not a model. Use one of {", ".join(registry.MODELS)}, '
@@ -173,6 +221,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'boundary), got {config.lr_decay_factor}.')
   if config.weight_decay < 0:
     raise ConfigError(f'config.weight_decay must be 0 or more (the paper uses 1e-4), got {config.weight_decay}.')
+  if config.image_size is not None and config.image_size < 1:
+    raise ConfigError(f'config.image_size must be a positive number of pixels (the side images are resized to) or '
+                      f'None for the dataset\'s own size, got {config.image_size}.')
   if config.lr_reference_batch_size is not None and config.lr_reference_batch_size < 1:
     raise ConfigError(f'config.lr_reference_batch_size must be a positive number of images (e.g. 256) or None, '
                       f'got {config.lr_reference_batch_size}.')

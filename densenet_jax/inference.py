@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from densenet_jax import model as model_lib
-from densenet_jax import storage
 from densenet_jax.data import image_files, pipeline
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import loading, storage
 
 IMAGENET_NAMES_FILE = 'imagenet_class_names.txt'  # torchvision's readable names, in sorted-synset order
 CIFAR100_NAMES_FILE = 'cifar100_class_names.txt'  # the fine labels, in the dataset's (alphabetical) order
@@ -101,8 +100,8 @@ class Predictor:
 
 def load_predictor(path: str) -> Predictor:
   """The Predictor of a training workdir, one of its checkpoints/<step> directories, or converted weights."""
-  model, variables = workdir_lib.load_model(path)
-  config = workdir_lib.run_config(path)
+  model, variables = loading.load_model(path)
+  config = loading.run_config(path)
   variables = jax.tree.map(jnp.asarray, variables)
   return Predictor(model, variables, image_spec(config, model), class_names(config, model.num_classes))
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
+from chosen import chosen_form
 from configs import quickstart
 from densenet_jax import analysis
 from densenet_jax.model import layers
 from densenet_jax import cli
-from densenet_jax.training import workdir as workdir_lib
-from densenet_jax.training import checkpoints
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.io import checkpoints
 from densenet_jax import config as config_lib
 from densenet_jax import platform
 from densenet_jax import model as model_lib
@@ -210,9 +211,8 @@ def quickstart_config():
 def test_load_model_from_a_workdir_and_from_one_of_its_checkpoints(tmp_path):
   config = quickstart_config()
   workdir_lib.record_config(config, str(tmp_path))  # writes config.json as a training run does
-  # Loaded models compute with the backend's default block form (None), whatever the run used.
-  expected = model_lib.from_config(config, num_classes=10, input_channels=1, layers_per_scan=None,
-                                   memory_efficient=None)
+  # Loaded models compute with the form the run recorded; what it left open, the backend's.
+  expected = model_lib.from_config(config, num_classes=10, input_channels=1, **chosen_form(config))
   variables = model_lib.init_variables(expected, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1, asynchronous=False)
   checkpointer.save(7, {'step': 7, **variables})
@@ -237,7 +237,7 @@ def test_load_model_from_converted_weights(tmp_path):
   safetensors_numpy.save_file(weights.to_torch_state_dict(variables), str(source))
   weights_cli.main(['convert', f'--source={source}', f'--output={tmp_path / "converted"}'])
   loaded_model, loaded = analysis.load_model(str(tmp_path / 'converted'))
-  assert loaded_model == model
+  assert loaded_model == model.clone(**chosen_form({}))  # Converted weights compute in the backend's form.
   np.testing.assert_array_equal(loaded['params']['classifier']['kernel'], variables['params']['classifier']['kernel'])
 
 

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from densenet_jax import cli, platform
 from densenet_jax.platform import xla_flags
 
@@ -39,3 +41,114 @@ def test_a_config_error_is_one_paragraph_without_tensorflow_log_lines(tmp_path):
   assert 'Config error: config.eval_split' in result.stderr
   assert not CPP_LOG_LINE.search(result.stderr + result.stdout), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+# Each command and how it names its own flags: (console script, launcher function, a flag of the command).
+COMMANDS = [('densenet-train', 'train', '--workdir'), ('densenet-evaluate', 'evaluate', '--ten_crop'),
+            ('densenet-predict', 'predict', '--top_k'), ('densenet-export', 'export', '--with_preprocessing'),
+            ('densenet-tpu-compile', 'tpu_compile', '--topology'), ('densenet-convert', 'convert', 'inspect')]
+# The files that start a program (besides densenet_jax/commands/).
+ENTRY_FILES = ['train.py', 'evaluate.py', 'predict.py', 'densenet_jax/launch.py', 'densenet_jax/export/__main__.py',
+               'densenet_jax/tpu_compile/__main__.py', 'densenet_jax/weights/__main__.py', 'densenet_jax/summary.py']
+
+
+def _console_script(name: str, function: str) -> list[str]:
+  """What pip's generated wrapper of a [project.scripts] entry runs, without installing the package."""
+  program = (f'import sys; sys.argv[0] = {name!r}; from densenet_jax.launch import {function}; '
+             f'sys.exit({function}())')
+  return [sys.executable, '-c', program]
+
+
+def test_the_console_scripts_are_the_launcher_functions():
+  import tomllib
+
+  from densenet_jax import launch
+
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    scripts = tomllib.load(f)['project']['scripts']
+  assert scripts == {name: f'densenet_jax.launch:{function}' for name, function, _ in COMMANDS}
+  assert all(callable(getattr(launch, function)) for _, function, _ in COMMANDS)
+
+
+def test_the_launcher_runs_each_set_up_step_before_it_imports_the_command(tmp_path, monkeypatch):
+  (tmp_path / 'probe_setup.py').write_text('import os\n\ndef step():\n  os.environ["PROBE"] = "set up"\n')
+  (tmp_path / 'probe_command.py').write_text(
+      'import os\n\nSEEN_AT_IMPORT = os.environ.get("PROBE")\n\ndef main(value):\n  return SEEN_AT_IMPORT, value\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delenv('PROBE', raising=False)
+  from densenet_jax import launch
+
+  assert launch.run('probe_command:main', ('probe_setup:step',), 5) == ('set up', 5)
+
+
+def test_every_command_starts_through_the_launcher_and_shows_its_own_flags():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+  def start(name, function):
+    help_flag = '--help' if name == 'densenet-convert' else '--helpshort'
+    return subprocess.Popen([*_console_script(name, function), help_flag], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+  # All at once: each spends its few seconds importing JAX (and TensorFlow), then prints its help.
+  processes = [start(name, function) for name, function, _ in COMMANDS]
+  for (name, _, flag), process in zip(COMMANDS, processes):
+    stdout, stderr = process.communicate(timeout=300)
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert flag in stdout, (name, stdout, stderr[-3000:])
+    if name == 'densenet-convert':  # argparse
+      assert stdout.startswith('usage: densenet-convert'), stdout
+    else:  # absl: the command's docstring, then its flags under the program's name
+      assert name in stdout.split('\n\n')[0] and f'\n{name}:\n' in stdout, stdout
+
+
+def test_the_thin_scripts_load_nothing_before_the_launcher_runs():
+  # Importing train.py (not running it) or the launcher must not load JAX, TensorFlow or absl: their settings
+  # (XLA_FLAGS, TF's log variables, JAX_PLATFORMS for the compile check) come first, in densenet_jax.launch.run.
+  program = ('import sys, train, evaluate, predict, densenet_jax.launch; '
+             'print(sorted({m.split(".")[0] for m in sys.modules} & {"jax", "tensorflow", "absl", "numpy"}))')
+  done = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == '[]', done.stdout
+
+
+def test_no_entry_point_needs_imports_after_code():
+  for path in ENTRY_FILES + sorted(f'densenet_jax/commands/{name}' for name in
+                                   os.listdir(os.path.join(ROOT, 'densenet_jax', 'commands'))
+                                   if name.endswith('.py')):
+    with open(os.path.join(ROOT, path)) as f:
+      assert 'noqa: E402' not in f.read(), path
+
+
+def test_a_config_file_imports_its_neighbours_whatever_started_the_command(tmp_path, monkeypatch):
+  # configs/cifar10.py imports configs/cifar10_plus.py as `configs.cifar10_plus`. python train.py finds it through
+  # the script's folder; an installed console script, started anywhere, through the config's own folder.
+  folder = tmp_path / 'my_configs'
+  folder.mkdir()
+  (folder / '__init__.py').write_text('')
+  (folder / 'base.py').write_text('from configs import quickstart\nget_config = quickstart.get_config\n')
+  (folder / 'child.py').write_text('from my_configs import base\n\ndef get_config():\n  return base.get_config()\n')
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  cli.config_folder_on_path(['prog', '--workdir=/tmp/w', '--config', f'{folder / "child.py"}:argument'])
+  assert sys.path[0] == str(tmp_path)
+  cli.config_folder_on_path(['prog', f'--config={ROOT}/train.py'])  # not in a package: nothing added
+  assert sys.path[0] == str(tmp_path) and sys.path.count(str(tmp_path)) == 1
+
+  done = subprocess.run([*_console_script('densenet-train', 'train'), f'--config={folder / "child.py"}',
+                         '--config.num_epochs=3', '--helpshort'], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  assert 'densenet-train:' in done.stdout, done.stderr[-3000:]  # the help, after the config loaded
+
+
+def test_convert_inspect_names_the_densenet_a_file_holds(tmp_path, capsys):
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  from densenet_jax import model as model_lib
+  from densenet_jax import weights
+  from densenet_jax.commands import convert
+  from tests.test_weights import random_variables
+
+  model = model_lib.cifar_densenet(16, 4, bottleneck=True, compression=0.5, num_classes=7)
+  source = tmp_path / 'model.safetensors'
+  safetensors_numpy.save_file(weights.to_torch_state_dict(random_variables(model)), str(source))
+  convert.main(['inspect', f'--source={source}'])
+  printed = capsys.readouterr().out.splitlines()
+  assert printed == [f'{source}: torch weights, 77 arrays', f'  not a registry model: {model_lib.describe(model)}']

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from densenet_jax import cloud, storage
-from densenet_jax.training import cloud_lock, lock
+from densenet_jax.io import cloud, cloud_lock, lock, storage
 
 
 def test_file_operations_work_alike_on_gs_and_on_the_local_disk(gcs_bucket, tmp_path):
@@ -151,7 +150,7 @@ def test_a_missing_google_cloud_storage_package_is_one_clear_paragraph(monkeypat
 
 
 def test_converted_weights_are_written_to_and_read_from_gs(gcs_bucket):
-  from densenet_jax.training import checkpoints
+  from densenet_jax.io import checkpoints
 
   _, bucket = gcs_bucket
   variables = {'params': {'classifier': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}},
@@ -167,7 +166,7 @@ def test_converted_weights_are_written_to_and_read_from_gs(gcs_bucket):
 
 
 def test_an_unfinished_checkpoint_on_gs_is_ignored_and_deleted_with_a_warning(gcs_bucket, caplog):
-  from densenet_jax.training import checkpoints
+  from densenet_jax.io import checkpoints
 
   emulator, bucket = gcs_bucket
   directory = f'gs://{bucket}/run/checkpoints'

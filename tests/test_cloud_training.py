@@ -10,7 +10,8 @@ import time
 import jax
 import numpy as np
 
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,8 +76,8 @@ def test_a_gs_workdir_resumes_after_sigterm_like_a_local_run_and_is_evaluated(gc
   assert resumed.strip().splitlines()[-1] == local.strip().splitlines()[-1]  # step=22 and the same metrics
   steps = train_steps(emulator, bucket, 'run')
   assert steps == list(range(1, TOTAL_STEPS + 1))
-  local_params = workdir_lib.load_variables(str(tmp_path / 'local'))['params']
-  _, cloud_variables = workdir_lib.load_model(workdir)  # as notebooks and analysis read a run
+  local_params = loading.load_variables(str(tmp_path / 'local'))['params']
+  _, cloud_variables = loading.load_model(workdir)  # as notebooks and analysis read a run
   cloud_params = cloud_variables['params']
   assert jax.tree.structure(local_params) == jax.tree.structure(cloud_params)
   for x, y in zip(jax.tree.leaves(local_params), jax.tree.leaves(cloud_params)):

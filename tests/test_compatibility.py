@@ -12,21 +12,23 @@ import jax
 import numpy as np
 import optax
 
-from densenet_jax.training import checkpoints, optim, steps
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.training import optim, steps
 
 RELEASE = os.path.join(os.path.dirname(__file__), 'data', 'release_0_1_0')
 
 
 def test_a_training_workdir_of_the_release_loads_with_its_logits():
-  model, variables = workdir_lib.load_model(os.path.join(RELEASE, 'workdir'))
+  model, variables = loading.load_model(os.path.join(RELEASE, 'workdir'))
   logits = model.apply(variables, np.load(os.path.join(RELEASE, 'images.npy')))
   np.testing.assert_allclose(logits, np.load(os.path.join(RELEASE, 'workdir_logits.npy')), rtol=1e-5, atol=1e-5)
 
 
 def test_a_training_state_of_the_release_resumes(tmp_path):
   workdir = shutil.copytree(os.path.join(RELEASE, 'workdir'), tmp_path / 'workdir')
-  model, variables = workdir_lib.load_model(str(workdir))
+  model, variables = loading.load_model(str(workdir))
   tx = optim.create_optimizer(optax.constant_schedule(0.1), momentum=0.9, nesterov=True, weight_decay=1e-4)
   template = jax.jit(functools.partial(steps.create_train_state, model=model, image_shape=(8, 8, 1), tx=tx))(
       jax.random.key(0))
@@ -41,6 +43,6 @@ def test_a_training_state_of_the_release_resumes(tmp_path):
 
 
 def test_converted_weights_of_the_release_load_with_their_logits():
-  model, variables = workdir_lib.load_model(os.path.join(RELEASE, 'converted'))
+  model, variables = loading.load_model(os.path.join(RELEASE, 'converted'))
   logits = model.apply(variables, np.load(os.path.join(RELEASE, 'converted_images.npy')))
   np.testing.assert_allclose(logits, np.load(os.path.join(RELEASE, 'converted_logits.npy')), rtol=1e-5, atol=1e-5)

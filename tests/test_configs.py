@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from chosen import chosen_form
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
 from densenet_jax.data import pipeline
@@ -35,7 +36,8 @@ def test_config_loads_validates_and_builds_its_model(name, model):
   config_lib.validate(config)
   info = pipeline.get_dataset_info(config.dataset, data_dir=None, image_size=config.image_size)
   config_lib.validate_against_data(config, info, device_count=1)
-  network = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
+  network = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1],
+                                  **chosen_form(config))
   logits, _ = jax.eval_shape(network.init_with_output, jax.random.key(0), jnp.zeros((2, *info.image_shape)))
   assert logits.shape == (2, info.num_classes)
 

@@ -20,16 +20,20 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
+from chosen import chosen_form
 from densenet_jax import config as config_lib
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
+from densenet_jax import evaluation
 from densenet_jax.training import loop as training
+from tests.test_cli import CPP_LOG_LINE
 from tests.test_train import tiny_config
-from tests.test_train_processes import ROOT
+from tests.test_train_processes import ROOT, run_train
 
 BATCH_SIZE = 128
 STEPS_PER_EPOCH = 1437 // BATCH_SIZE  # digits' training split
@@ -106,13 +110,79 @@ def test_bad_configs_and_missing_data_exit_2_with_one_paragraph_and_no_traceback
   assert 'Did you mean "batch_size"' in messages['batch_sise']
 
 
+def _start(script, *flags):
+  """`python SCRIPT FLAGS...` from the repository, as a user runs it (on the CPU); stdout and stderr apart."""
+  return subprocess.Popen([sys.executable, script, *flags], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _image_folder_with_an_empty_test_split(root):
+  """Good images in train/; test/ has the same class folders, without images."""
+  for label in ('a', 'b'):
+    os.makedirs(root / 'train' / label)
+    os.makedirs(root / 'test' / label)
+    for i in range(4):
+      (root / 'train' / label / f'{i}.png').write_bytes(tf_encode_png(np.full((36, 36, 3), 40 * i, np.uint8)))
+
+
+def test_zero_growth_rate_non_finite_numbers_and_an_empty_eval_split_exit_2_with_one_paragraph(tmp_path):
+  # Each once crashed inside JAX, started training, or printed a traceback.
+  _image_folder_with_an_empty_test_split(tmp_path / 'images')
+  image_folder = ['--config.dataset=image_folder', '--config.image_size=32',
+                  f'--config.data_dir={tmp_path / "images"}', '--config.eval_split=test', '--config.batch_size=8',
+                  '--config.augment=False']
+  train = lambda name, *flags: ('train.py', [f'--workdir={tmp_path / name}', '--config=configs/quickstart.py', *flags])
+  setups = {  # what stderr, a single line, starts with: (script, flags)
+      'Config error: config.architecture.growth_rate must be a positive whole number': train(
+          'growth', '--config.architecture.growth_rate=0'),
+      'Config error: config.learning_rate=nan is not a finite number': train('nan', '--config.learning_rate=nan'),
+      'Config error: config.lr_boundaries_epochs[1]=inf is not a finite number': train(
+          'inf', '--config.lr_boundaries_epochs=(10,1e999)'),  # 1e999: how a tuple flag spells infinity
+      f'Data error: Split folder {tmp_path / "images" / "test"} contains no images': train('empty', *image_folder),
+      # evaluate.py lists the data before it reads the weights: any existing path will do.
+      f'Data error: Split folder {tmp_path / "images" / "test"}': (
+          'evaluate.py', [f'--checkpoint={tmp_path / "images"}', '--config=configs/quickstart.py', *image_folder]),
+  }
+  processes = {expected: _start(script, *flags) for expected, (script, flags) in setups.items()}  # all at once
+  for expected, process in processes.items():
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, (expected, stderr[-3000:])
+    assert stderr.startswith(expected) and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
+    assert 'Traceback' not in stdout + stderr
+  for name in ('growth', 'nan', 'inf', 'empty'):
+    assert not _complete_steps(tmp_path / name)
+
+
+def test_an_unwritable_compilation_cache_dir_turns_the_cache_off_with_one_line_and_the_run_goes_on(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  cache = tmp_path / 'a_file' / 'cache'  # a path under a file: unwritable even for root, whom chmod does not stop
+  output = run_train(tmp_path / 'run', '--config.num_epochs=1', '--config.lr_boundaries_epochs=()',
+                     '--config.batch_size=1024', f'--config.compilation_cache_dir={cache}')  # exit 0, one step
+  lines = output.strip().splitlines()
+  assert 'The compilation cache is off' in lines[0] and str(cache) in lines[0], output[-3000:]
+  assert sum(str(cache) in line for line in lines) == 1 and 'Traceback' not in output, output[-3000:]  # JAX's silent
+  assert lines[-1].startswith('step=1 eval_accuracy='), output[-3000:]
+
+
+def test_a_read_only_compilation_cache_dir_is_not_given_to_jax(tmp_path, caplog):
+  denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+  with mock.patch.object(jax.config, 'update') as update:
+    with mock.patch('tempfile.mkstemp', side_effect=denied), caplog.at_level(logging.WARNING):
+      evaluation.use_compilation_cache(str(tmp_path))  # root ignores chmod: simulate what a user gets
+    assert not update.called
+    assert 'The compilation cache is off' in caplog.text and os.strerror(errno.EACCES) in caplog.text
+    evaluation.use_compilation_cache(str(tmp_path / 'cache'))  # writable: created and used
+    update.assert_called_once_with('jax_compilation_cache_dir', str(tmp_path / 'cache'))
+  assert os.listdir(tmp_path / 'cache') == []  # the file that tested it is gone
+
+
 def _complete_steps(workdir):
   return checkpoints.complete_steps(str(workdir / 'checkpoints'))
 
 
 def _initial_state(config):
   """The state train_and_evaluate starts `config` from, built without training."""
-  model = model_lib.from_config(config, num_classes=10, input_channels=1)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1, **chosen_form(config))
   schedule = optim.create_learning_rate_fn(config.learning_rate, config.lr_boundaries_epochs,
                                            config.lr_decay_factor, STEPS_PER_EPOCH)
   tx = optim.create_optimizer(schedule, momentum=config.momentum, nesterov=config.nesterov,
@@ -173,7 +243,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_complete_checkpoints(tmp_path):
   checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=1)
   assert checkpointer.latest_step() == STEPS_PER_EPOCH
   checkpointer.close()
-  params = workdir_lib.load_variables(str(tmp_path))['params']
+  params = loading.load_variables(str(tmp_path))['params']
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
@@ -444,7 +514,7 @@ def test_a_crash_in_evaluation_keeps_the_epoch_checkpointed(tmp_path):
   def crash(self, state):
     raise RuntimeError('evaluation crashed')
 
-  with mock.patch.object(training.Evaluator, '__call__', crash):
+  with mock.patch.object(evaluation.Evaluator, '__call__', crash):
     with pytest.raises(RuntimeError, match='evaluation crashed'):
       training.train_and_evaluate(config, str(tmp_path))
   assert _complete_steps(tmp_path) == [STEPS_PER_EPOCH]
@@ -503,7 +573,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_pat
   inject(directory / '2')
 
   # Readers (evaluate.py, init_from) skip it without touching the workdir, or refuse it when named.
-  first = workdir_lib.load_variables(str(tmp_path))['params']
+  first = loading.load_variables(str(tmp_path))['params']
   for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(checkpoints.CheckpointCorruptError, match=str(directory / '2')):
@@ -546,12 +616,16 @@ def test_a_run_resumes_from_the_newest_intact_checkpoint_and_ends_like_an_uninte
 
 
 def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
-  from densenet_jax.training import lock
+  from densenet_jax import cli
+  from densenet_jax.io import lock
 
   mine = lock.acquire(str(tmp_path))  # this process stands for the first run
   with pytest.raises(lock.WorkdirBusy, match=f'process {os.getpid()} on host') as error:
     training.train_and_evaluate(tiny_config(), str(tmp_path))
   assert str(tmp_path / '.lock') in str(error.value)
+  # Not a mistake in the config: the same command succeeds once the other run has ended.
+  assert not isinstance(error.value, config_lib.ConfigError)
+  assert next(v for k, v in cli.FAILURES.items() if isinstance(error.value, k)) == ('Workdir in use', 2)
   assert not (tmp_path / 'checkpoints').exists()
   lock.release(str(tmp_path), mine)
   assert not (tmp_path / '.lock').exists()
@@ -559,7 +633,7 @@ def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
 
 def test_the_lock_of_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path, caplog):
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from densenet_jax.training import lock; '
+      [sys.executable, '-c', 'import sys, time; from densenet_jax.io import lock; '
        'lock.acquire(sys.argv[1]); print("locked", flush=True); time.sleep(600)', str(tmp_path)],
       cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert holder.stdout.readline().strip() == 'locked'
@@ -591,6 +665,11 @@ def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, 
   assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()
 
 
+def _architecture(**fields):
+  """tiny_config's architecture with `fields` changed."""
+  return ml_collections.ConfigDict({**tiny_config().architecture.to_dict(), **fields})
+
+
 CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'negative lr_decay_factor': (dict(lr_decay_factor=-0.1), 'lr_decay_factor must be positive'),
     'negative weight_decay': (dict(weight_decay=-1e-4), 'weight_decay must be 0 or more'),
@@ -600,6 +679,22 @@ CONFIG_MISTAKES = {  # overrides of tiny_config -> what the message must say
     'synthetic with augmentation': (dict(dataset='synthetic', augment=True), 'no data augmentation'),
     'image too small': (dict(model='densenet121', architecture=ml_collections.ConfigDict()),
                         'are 8x8, too small for config.model=\'densenet121\', which needs at least 32x32'),
+    'growth rate 0': (dict(architecture=_architecture(growth_rate=0)), 'architecture.growth_rate must be a positive'),
+    'negative growth rate': (dict(architecture=_architecture(growth_rate=-12)), 'growth_rate must be a positive'),
+    'float growth rate': (dict(architecture=_architecture(growth_rate=12.0)), 'growth_rate must be a positive whole'),
+    'depth 0': (dict(architecture=_architecture(depth=0)), 'architecture.depth must be a positive whole number'),
+    'depth not 6n+4': (dict(architecture=_architecture(depth=11)), 'architecture.depth=11: Impossible depth 11'),
+    'compression 0': (dict(architecture=_architecture(compression=0.0)), 'architecture.compression must be a number'),
+    'compression 1.5': (dict(architecture=_architecture(compression=1.5)), 'compression must be a number in (0, 1]'),
+    'bottleneck 1': (dict(architecture=_architecture(bottleneck=1)), 'architecture.bottleneck must be True'),
+    'image_size 0': (dict(image_size=0), 'config.image_size must be a positive number'),
+    'nan learning_rate': (dict(learning_rate=float('nan')), 'config.learning_rate=nan is not a finite number'),
+    'inf learning_rate': (dict(learning_rate=float('inf')), 'config.learning_rate=inf is not a finite number'),
+    '-inf weight_decay': (dict(weight_decay=float('-inf')), 'config.weight_decay=-inf is not a finite number'),
+    'nan warmup_epochs': (dict(warmup_epochs=float('nan')), 'config.warmup_epochs=nan is not a finite'),
+    'inf boundary': (dict(lr_boundaries_epochs=(1, float('inf'))), 'config.lr_boundaries_epochs[1]=inf is not'),
+    'nan compression': (dict(architecture=_architecture(compression=float('nan'))),
+                        'config.architecture.compression=nan is not a finite number'),
 }
 
 
@@ -648,16 +743,16 @@ def test_evaluating_weights_of_another_architecture_or_an_empty_workdir_is_one_p
   recorded['architecture']['growth_rate'] = 8  # as if the weights came from another run
   (workdir / 'config.json').write_text(json.dumps(recorded))
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the architecture recorded') as error:
-    training.evaluate_checkpoint(str(workdir))
+    evaluation.evaluate_checkpoint(str(workdir))
   assert str(workdir / 'config.json') in str(error.value) and '\n' not in str(error.value)
 
   empty = tmp_path / 'empty'
   empty.mkdir()
   workdir_lib.record_config(config, str(empty))  # a run that stopped before its first checkpoint
   with pytest.raises(FileNotFoundError, match='workdir without any complete checkpoint'):
-    training.evaluate_checkpoint(str(empty))
+    evaluation.evaluate_checkpoint(str(empty))
   with pytest.raises(FileNotFoundError, match='No checkpoint at'):
-    training.evaluate_checkpoint(str(tmp_path / 'nowhere'))
+    evaluation.evaluate_checkpoint(str(tmp_path / 'nowhere'))
 
 
 def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tmp_path):
@@ -666,6 +761,21 @@ def test_fine_tuning_from_another_architecture_is_one_paragraph(finished_run, tm
   config.architecture.depth = 16
   with pytest.raises(model_lib.WeightMismatchError, match='do not fit the model'):
     training.train_and_evaluate(config, str(tmp_path / 'fine_tuned'))
+
+
+def test_predict_names_unreadable_files_in_our_words_without_tensorflows_suffix(finished_run, tmp_path):
+  _, workdir, _ = finished_run
+  empty, junk = tmp_path / 'empty.png', tmp_path / 'junk.jpg'
+  empty.write_bytes(b'')
+  junk.write_bytes(b'not an image')
+  process = _start('predict.py', f'--checkpoint={workdir}', str(empty), str(junk))
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr[-3000:]
+  assert 'Traceback' not in stdout + stderr
+  # Log records (loading the weights; TensorFlow's C++ lines) aside, stderr is our paragraph, first line to last.
+  ours = [line for line in stderr.splitlines() if line.strip() and not CPP_LOG_LINE.search(line)]
+  assert [line.split(': ')[0] for line in ours] == [f'Cannot read {empty}', f'Cannot read {junk}', 'Data error'], stderr
+  assert all(line.endswith('.') for line in ours), stderr  # TensorFlow's "... name:" cut off
 
 
 def test_converted_weights_do_not_share_memory_with_the_torch_tensors():

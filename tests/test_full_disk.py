@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax.training import checkpoints, integrity, reporting
+from densenet_jax.io import checkpoints, integrity
+from densenet_jax.training import reporting
 from tests.test_train_processes import ROOT, TINY, params_of
 
 # Checkpoints of this tiny model take ~160 KiB each. With 700 KiB of the 1 MiB file system filled beforehand, the

@@ -13,7 +13,7 @@ import tensorflow as tf
 from densenet_jax.data import BadImageError, image_files, image_rule, image_scan
 from densenet_jax.data import pipeline
 from densenet_jax.data import preprocessing as pp
-from densenet_jax.training import checkpoints
+from densenet_jax.io import checkpoints
 from densenet_jax.training import loop as training
 from tests.test_train import tiny_config
 

@@ -211,7 +211,7 @@ def test_extracted_features_are_the_forward_pass_intermediates():
 
 def test_converted_imagenet_weights_predict_with_imagenet_names_and_preprocessing(tmp_path):
   """Weights as `python -m densenet_jax.weights convert` writes them (1000 classes, architecture metadata)."""
-  from densenet_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from densenet_jax.io import checkpoints  # pylint: disable=import-outside-toplevel
 
   model = model_lib.DenseNet(block_sizes=(1, 1), growth_rate=4, stem_channels=8, num_classes=1000)
   variables = model_lib.init_variables(model, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))

@@ -51,16 +51,16 @@ def test_given_form_fields_win_and_the_others_follow_them(given, backend, expect
 
 def test_a_config_is_filled_in_once_and_a_recorded_form_is_kept():
   from densenet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from densenet_jax.training import workdir  # pylint: disable=import-outside-toplevel
+  from densenet_jax.io import loading  # pylint: disable=import-outside-toplevel
   config = config_lib.get_config()
-  filled = workdir.with_form(config, 'gpu')
+  filled = loading.with_form(config, 'gpu')
   assert [filled[f] for f in platform.FORM_FIELDS] == ['xla', False, 0, 'jax']
   assert config.kernels is None  # The config given is not changed.
   recorded = dict(kernels='cpu', memory_efficient=True, layers_per_scan=2, dropout_masks='elementwise')
-  resumed = workdir.with_form(config, 'gpu', recorded)
+  resumed = loading.with_form(config, 'gpu', recorded)
   assert [resumed[f] for f in platform.FORM_FIELDS] == ['cpu', True, 2, 'elementwise']
   config.layers_per_scan = 0  # What the config sets wins over the record.
-  assert workdir.with_form(config, 'gpu', recorded).layers_per_scan == 0
+  assert loading.with_form(config, 'gpu', recorded).layers_per_scan == 0
 
 
 def test_no_module_of_the_model_reads_the_machine():

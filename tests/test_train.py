@@ -17,15 +17,18 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax.training import checkpoints
+from chosen import chosen_form
+from densenet_jax.io import checkpoints
 from densenet_jax import model as model_lib
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import loading
+from densenet_jax.io import workdir as workdir_lib
 from densenet_jax import config as config_lib
 from densenet_jax.data import pipeline
 from densenet_jax.training import optim
 from densenet_jax.training import reporting
 from densenet_jax.training import steps
 from densenet_jax.data import sources
+from densenet_jax import evaluation
 from densenet_jax.training import loop as training
 
 
@@ -48,7 +51,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def final_params(workdir):
-  return workdir_lib.load_variables(workdir)['params']
+  return loading.load_variables(workdir)['params']
 
 
 def test_learning_rate_schedule_boundaries():
@@ -94,13 +97,13 @@ def test_train_and_evaluate_learns_digits_and_writes_outputs(tmp_path):
     assert json.load(f)['dataset'] == 'digits'
   assert checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == final['step']
   # evaluate.py's path: the saved weights give the same test accuracy.
-  evaluated = training.evaluate_checkpoint(str(tmp_path), config)
+  evaluated = evaluation.evaluate_checkpoint(str(tmp_path), config)
   assert evaluated['eval_accuracy'] == pytest.approx(final['eval_accuracy'])
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
   config = tiny_config()
-  model = model_lib.from_config(config, num_classes=10, input_channels=1)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1, **chosen_form(config))
   tx = optim.create_optimizer(optax.constant_schedule(0.1), momentum=0.9, nesterov=True, weight_decay=1e-4)
   state = training.create_train_state(jax.random.key(0), model, (8, 8, 1), tx)
   batch = {'image': jax.random.normal(jax.random.key(1), (8, 8, 8, 1)), 'label': jnp.arange(8) % 10}
@@ -140,7 +143,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
 def test_layers_per_scan_reaches_the_model():
   config = tiny_config(memory_efficient=True, layers_per_scan=4)
   config_lib.validate(config)
-  model = model_lib.from_config(config, num_classes=10, input_channels=1)
+  model = model_lib.from_config(config, num_classes=10, input_channels=1, **chosen_form(config))
   assert model.layers_per_scan == 4 and model.memory_efficient
 
 
@@ -172,16 +175,16 @@ def test_a_run_may_resume_with_another_form_of_the_same_model(tmp_path):
 def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
   source = tiny_config(num_epochs=1, lr_boundaries_epochs=())
   training.train_and_evaluate(source, str(tmp_path))
-  pretrained = workdir_lib.load_variables(str(tmp_path))
+  pretrained = loading.load_variables(str(tmp_path))
 
   def fresh_state(config, num_classes):
-    model = model_lib.from_config(config, num_classes=num_classes, input_channels=1)
+    model = model_lib.from_config(config, num_classes=num_classes, input_channels=1, **chosen_form(config))
     tx = optim.create_optimizer(optax.constant_schedule(0.1), momentum=0.9, nesterov=True, weight_decay=0)
     return jax.jit(lambda key: training.create_train_state(key, model, (8, 8, 1), tx))(jax.random.key(5))
 
   state = fresh_state(source, num_classes=5)
   sharding = jax.tree.map(lambda x: x.sharding, state)
-  model5 = model_lib.from_config(source, num_classes=5, input_channels=1)
+  model5 = model_lib.from_config(source, num_classes=5, input_channels=1, **chosen_form(source))
   loaded = training._init_from(state, str(tmp_path), model5, jax.random.key(5), sharding)
   np.testing.assert_array_equal(loaded.params['stem_conv']['kernel'], pretrained['params']['stem_conv']['kernel'])
   np.testing.assert_array_equal(loaded.batch_stats['final_norm']['var'],
@@ -192,7 +195,7 @@ def test_init_from_replaces_the_head_when_classes_differ(tmp_path):
 
   wider = tiny_config(architecture=ml_collections.ConfigDict(
       dict(depth=10, growth_rate=8, bottleneck=True, compression=0.5)))
-  wider_model = model_lib.from_config(wider, num_classes=10, input_channels=1)
+  wider_model = model_lib.from_config(wider, num_classes=10, input_channels=1, **chosen_form(wider))
   with pytest.raises(ValueError, match=r'do not fit the model(.|\n)*stem_conv/kernel \(3, 3, 1, 8\) vs \(3, 3, 1, 16\)'):
     training._init_from(fresh_state(wider, 10), str(tmp_path), wider_model, jax.random.key(5), sharding)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks import kill_resume
-from densenet_jax.training import checkpoints
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import checkpoints
+from densenet_jax.io import loading
 from densenet_jax.training import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ def run_train(workdir, *flags, env=None, wait=True):
 
 
 def params_of(workdir):
-  return workdir_lib.load_variables(str(workdir))['params']
+  return loading.load_variables(str(workdir))['params']
 
 
 def assert_same_params(a, b, **tolerance):

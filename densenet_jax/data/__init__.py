@@ -11,7 +11,12 @@ DATASET_NAMES = ('cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012', 'image_f
 WITHOUT_AUGMENTATION = ('svhn_cropped', 'synthetic')
 
 
-class BadImageError(ValueError):
+class DataError(ValueError):
+  """Data on disk that cannot be used as it is (an image folder without images, a bad image file); the message
+  names the folder or the files and what to do, in one paragraph, like a ConfigError."""
+
+
+class BadImageError(DataError):
   """An image file that cannot be decoded; the message lists the files (bad files are fatal)."""
 
 

@@ -21,9 +21,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from densenet_jax import storage
 from densenet_jax.data import image_rule
 from densenet_jax.data import preprocessing as pp
+from densenet_jax.io import storage
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')  # what TensorFlow decodes; GIF: the first frame
 CENTER_CROP_DATASETS = ('imagenet2012', 'image_folder')
@@ -64,8 +64,11 @@ def list_image_files(paths: list[str]) -> list[str]:
 
 
 def _one_line(error: tf.errors.OpError) -> str:
-  message = re.sub(r'\{\{[^}]*\}\}\s*', '', error.message)  # TF's '{{function_node ...}}' prefix
+  """The decoder's own words: without TF's '{{function_node ...}}' prefix, its '[Op:DecodeImage]' and the ' name: '
+  that eager TensorFlow appends for the op's name, empty for the unnamed ops used here."""
+  message = re.sub(r'\{\{[^}]*\}\}\s*', '', error.message)
   message = re.sub(r'\s*\[Op:\w+\]', '', message)
+  message = re.sub(r'\s+name:\s*$', '', message)
   return ' '.join(message.split())
 
 

@@ -24,8 +24,8 @@ import tensorflow as tf
 import tqdm
 from absl import logging
 
-from densenet_jax import storage
 from densenet_jax.data import BadImageError, image_rule
+from densenet_jax.io import storage
 
 RULE_VERSION = 1  # raise when image_rule changes: the remembered results are then checked again
 CACHE_NAME = '.densenet_jax-checked-images.npy'

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import storage
+from densenet_jax.data import DataError
+from densenet_jax.io import storage
 
 # Split sizes of the TFDS datasets (used before the data is prepared; afterwards the TFDS metadata counts).
 TFDS_SPLIT_SIZES = {
@@ -226,7 +227,7 @@ def list_image_folder(root: str | None, only_split: str | None = None) -> ImageF
     raise FileNotFoundError(f'Image folder root {root!r} does not exist or is not a directory ({layout}).')
   split_names = _subdirs(root)
   if not split_names:
-    raise ValueError(f'Image folder {root!r} has no split folders ({layout}).')
+    raise DataError(f'Image folder {root!r} has no split folders ({layout}).')
   class_names = sorted({c for s in split_names for c in _subdirs(os.path.join(root, s))})
   label_of = {c: i for i, c in enumerate(class_names)}
   splits = {}
@@ -234,21 +235,23 @@ def list_image_folder(root: str | None, only_split: str | None = None) -> ImageF
     split_dir = os.path.join(root, split)
     loose = sorted(f for f in storage.scan(split_dir)[1] if _is_image(f))
     if loose:
-      raise ValueError(
+      raise DataError(
           f'{split_dir} holds images directly ({loose[0]!r}, ...); images must be in class sub-folders ({layout}).'
       )
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for c in _subdirs(split_dir):
       images = _images_under(os.path.join(split_dir, c))
       if not images:
-        logging.warning('Class folder %s has no images.', os.path.join(split_dir, c))
+        empty.append(os.path.join(split_dir, c))
       paths.extend(images)
       labels.extend([label_of[c]] * len(images))
-    if not paths:
-      raise ValueError(
+    if not paths:  # The error alone: a warning per empty class folder would only come before it.
+      raise DataError(
           f'Split folder {split_dir} contains no images ({", ".join(IMAGE_EXTENSIONS)} files in class '
-          f'sub-folders; {layout}).'
+          f'sub-folders; {layout}). Put the images of this split in its class folders, or remove the folder.'
       )
+    for class_dir in empty:
+      logging.warning('Class folder %s has no images.', class_dir)
     splits[split] = (np.array(paths), np.array(labels, np.int32))
   return ImageFolder(root=root, class_names=tuple(class_names), split_names=tuple(split_names), splits=splits)
 

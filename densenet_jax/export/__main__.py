@@ -1,59 +1,6 @@
-"""python -m densenet_jax.export --checkpoint=PATH --output=DIR [--format=stablehlo,saved_model]
-[--with_preprocessing] [--platforms=cpu]
+"""python -m densenet_jax.export: the densenet-export command (densenet_jax/commands/export.py)."""
 
-Exports the inference function of a workdir, one of its checkpoints or converted weights (see
-densenet_jax/export/__init__.py for what is written), then reloads every format in a fresh process without this
-project's code and checks its logits against JAX's on random images (--verify, on by default; float32: largest
-absolute difference <= --tolerance).
-"""
-
-from densenet_jax import platform
-
-platform.prepare_environment()  # Before TensorFlow is imported and before JAX computes anything.
-
-import json  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from densenet_jax import cli, export as export_lib  # noqa: E402
-from densenet_jax import inference  # noqa: E402
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('checkpoint', None, 'Workdir, checkpoint directory or converted weights.', required=True)
-flags.DEFINE_string('output', None, 'Folder to write the exports to.', required=True)
-flags.DEFINE_list('format', list(export_lib.FORMATS), 'Formats: stablehlo (jax.export), saved_model (TensorFlow).')
-flags.DEFINE_boolean('with_preprocessing', False, 'The exported function takes uint8 images of the input size and '
-                     'normalizes them.')
-flags.DEFINE_list('platforms', ['cpu'], 'Platforms the StableHLO is lowered for: cpu, cuda, rocm, tpu.')
-flags.DEFINE_boolean('verify', True, 'Reload each export in a fresh process and compare its logits with JAX\'s.')
-flags.DEFINE_float('tolerance', 1e-5, 'Largest absolute logit difference --verify accepts.')
-
-
-def run() -> dict:
-  predictor = inference.load_predictor(FLAGS.checkpoint)
-  metadata = export_lib.export(
-      predictor.model, predictor.variables, FLAGS.output, spec=predictor.spec, class_names=predictor.class_names,
-      formats=FLAGS.format, with_preprocessing=FLAGS.with_preprocessing, platforms=FLAGS.platforms)
-  print(f'Wrote {", ".join(metadata["files"].values())} and {export_lib.METADATA_FILE} to {FLAGS.output}')
-  if FLAGS.verify and jax.default_backend() in FLAGS.platforms:
-    inputs = export_lib.reference_inputs(predictor.spec, FLAGS.with_preprocessing)
-    normalized = export_lib.reference_inputs(predictor.spec, False)
-    diffs = export_lib.verify_in_fresh_process(FLAGS.output, inputs, predictor.logits(normalized), FLAGS.format)
-    print(f'Reloaded in a fresh process, largest |logit difference| per batch size: {json.dumps(diffs)}')
-    worst = max(max(d.values()) for d in diffs.values())
-    if not np.isfinite(worst) or worst > FLAGS.tolerance:
-      print(f'Error: the exports differ from JAX by {worst:.3g} > --tolerance={FLAGS.tolerance:g}.', file=sys.stderr)
-      sys.exit(1)
-  return metadata
-
-
-def main(argv):
-  cli.start(argv)
-  cli.run_reporting_failures(run)
-
+from densenet_jax import launch
 
 if __name__ == '__main__':
-  cli.main(main)
+  launch.export()

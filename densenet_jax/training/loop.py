@@ -1,37 +1,29 @@
-"""Training and evaluation: pure steps, jit-compiled over a data-parallel mesh, and the loop around them.
+"""The training loop around the pure steps (steps.py), jit-compiled over a data-parallel mesh.
 
 `train_and_evaluate(config, workdir)` trains any setup of configs/ on whatever devices JAX sees (one CPU,
 GPUs, a TPU pod), resumes exactly from WORKDIR, and writes metrics, TensorBoard events, checkpoints and
-error curves there.
+error curves there. It evaluates with densenet_jax.evaluation's Evaluator, which evaluate.py uses on saved weights.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import signal
-from collections.abc import Mapping
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from densenet_jax import config as config_lib
-from densenet_jax import cloud
+from densenet_jax import evaluation
 from densenet_jax import model as model_lib
-from densenet_jax import platform, storage
+from densenet_jax import platform
 from densenet_jax.data import pipeline
-from densenet_jax.training import checkpoints, lock, optim, parallel, reporting, stopping
-from densenet_jax.training import workdir as workdir_lib
-from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, eval_step, train_step
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop.
+from densenet_jax.io import checkpoints, cloud, loading, lock
+from densenet_jax.io import workdir as workdir_lib
+from densenet_jax.training import optim, parallel, reporting, stopping
+from densenet_jax.training.steps import TrainingDiverged, TrainState, create_train_state, train_step
 
 
 class _StopSignal:
@@ -62,57 +54,6 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return dict(data_dir=config.data_dir, image_size=config.image_size)
-
-
-def _iterator_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return dict(**_dataset_kwargs(config), download=config.download)
-
-
-class Evaluator:
-  """Compiled evaluation over one split: every example exactly once, on every process alike."""
-
-  def __init__(self, config, mesh, state_sharding, split: str, ten_crop: bool):
-    self.config, self.mesh, self.split, self.ten_crop = config, mesh, split, ten_crop
-    self._step = jax.jit(
-        functools.partial(eval_step, ten_crop=ten_crop),
-        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-        out_shardings=parallel.replicated(mesh),
-    )
-
-  def __call__(self, state: TrainState) -> dict[str, float]:
-    batches = pipeline.create_eval_iterator(
-        self.config.dataset,
-        self.split,
-        global_batch_size=self.config.batch_size,
-        ten_crop=self.ten_crop,
-        **_iterator_kwargs(self.config),
-    )
-    totals = None
-    for batch in batches:
-      sums = self._step(state, parallel.global_batch(batch, self.mesh))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return reporting.mean_metrics(jax.device_get(totals))
-
-
-def _prefixed(metrics: Mapping[str, float], prefix: str, num_classes: int) -> dict[str, float]:
-  return {
-      f'{prefix}_{k}': v for k, v in metrics.items() if k != 'top5_accuracy' or num_classes > 5
-  }
-
-
-def use_compilation_cache(directory: str) -> None:
-  """Keeps compiled steps in `directory` for later runs ('' keeps none); JAX reads it at its first compile.
-
-  XLA needs 30-90 s on a CPU for a DenseNet train step (docs/performance.md); an executable from the cache
-  loads in a few seconds. The key covers the program, the compiler options and the devices, so runs of
-  different models or on different machines can share one directory.
-  """
-  if directory:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates `config` in `workdir`; returns the final metrics.
 
@@ -120,7 +61,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints.CheckpointWriteError if its disk fills up.
   """
   config_lib.validate(config)
-  _check_buckets(('--workdir', workdir), ('config.data_dir', config.data_dir), ('config.init_from', config.init_from))
+  cloud.check_buckets(('--workdir', workdir), ('config.data_dir', config.data_dir),
+                      ('config.init_from', config.init_from))
   workdir = workdir_lib.prepare(workdir)
   with lock.held(workdir, enabled=jax.process_index() == 0):
     try:
@@ -134,29 +76,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise full from error
 
 
-def _check_buckets(*named_paths: tuple[str, str | None]) -> None:
-  """Reports an unusable gs:// path (no package, credentials or bucket) before anything starts."""
-  for what, path in named_paths:
-    if path:
-      cloud.check_bucket(path, what)
-
-
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  use_compilation_cache(config.compilation_cache_dir)
+  evaluation.use_compilation_cache(config.compilation_cache_dir)
   backend = jax.default_backend()
-  config = workdir_lib.with_form(config, backend, workdir_lib.recorded_config(workdir))
-  logging.info('Computing on %s with %s.', backend,
-               ', '.join(f'{field}={config[field]!r}' for field in platform.FORM_FIELDS))
+  config = loading.with_form(config, backend, loading.recorded_config(workdir))
   workdir_lib.record_config(config, workdir, writer=jax.process_index() == 0)
 
   mesh = parallel.create_mesh()
-  info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
+  info = pipeline.get_dataset_info(config.dataset, **evaluation.dataset_kwargs(config))
   config_lib.validate_against_data(config, info, jax.device_count())
   pipeline.check_image_files(config.dataset, ('train', config.eval_split), data_dir=config.data_dir,
                              progress=config.progress_bar and jax.process_index() == 0)
   steps_per_epoch = info.num_train_examples // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
 
+  # config.json records the form too; the console keeps to the run's own lines.
+  logging.debug('Computing on %s with %s.', backend,
+                ', '.join(f'{field}={config[field]!r}' for field in platform.FORM_FIELDS))
   model = model_lib.from_config(config, num_classes=info.num_classes, input_channels=info.image_shape[-1])
   config_lib.validate_input_size(info, model.min_input_size, config.model)
   learning_rate_fn, tx = optim.from_config(config, steps_per_epoch)
@@ -195,14 +131,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,),
   )
-  evaluate = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=False)
+  evaluate = evaluation.Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=False)
   train_batches = pipeline.create_train_iterator(
       config.dataset,
       global_batch_size=config.batch_size,
       seed=config.seed,
       augment=config.augment,
       start_step=start_step,
-      **_iterator_kwargs(config),
+      **evaluation.iterator_kwargs(config),
   )
 
   if jax.process_index() == 0:
@@ -217,7 +153,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if restored is not None and _evaluation_due(start_step, steps_per_epoch, total_steps, config.eval_every_epochs):
       # The checkpoint is written before its evaluation, so a run killed in between resumes here without it; a
       # finished run's rerun returns its final metrics too. Every process evaluates (a collective computation).
-      final = _prefixed(evaluate(state), 'eval', info.num_classes)
+      final = evaluation.prefixed_metrics(evaluate(state), 'eval', info.num_classes)
       if jax.process_index() == 0 and not reporting.has_record(workdir, start_step, 'eval_loss'):
         writer.write(start_step, start_step // steps_per_epoch, final)
     try:
@@ -251,7 +187,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             logging.warning('Stopped at step %d; run the same command again to resume.', step)
             return {'step': step, 'preempted': 1.0}
           if _evaluation_due(step, steps_per_epoch, total_steps, config.eval_every_epochs):
-            final = _prefixed(evaluate(state), 'eval', info.num_classes)
+            final = evaluation.prefixed_metrics(evaluate(state), 'eval', info.num_classes)
             writer.write(step, epoch, final)
             progress.write(f'epoch {epoch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
             if best_checkpointer and final['eval_accuracy'] > best_accuracy:
@@ -265,12 +201,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         checkpointer.close()
 
     if config.ten_crop_eval:
-      ten_crop = Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
-      final.update(_prefixed(ten_crop, 'eval_ten_crop', info.num_classes))
+      ten_crop = evaluation.Evaluator(config, mesh, state_sharding, config.eval_split, ten_crop=True)(state)
+      final.update(evaluation.prefixed_metrics(ten_crop, 'eval_ten_crop', info.num_classes))
     if best_checkpointer is not None:
       best_state = best_checkpointer.restore(state)
-      test = Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
-      final.update({'best_step': float(best_checkpointer.latest_step()), **_prefixed(test, 'test', info.num_classes)})
+      test = evaluation.Evaluator(config, mesh, state_sharding, 'test', ten_crop=False)(best_state)
+      final.update({'best_step': float(best_checkpointer.latest_step()),
+                    **evaluation.prefixed_metrics(test, 'test', info.num_classes)})
       best_checkpointer.close()
     summary = {k: v for k, v in final.items() if not k.startswith('eval_')}
     if summary:
@@ -307,49 +244,10 @@ def _summarize_train_metrics(pending, step: int, steps_per_epoch: int, last_save
 
 def _init_from(state: TrainState, path: str, model, rng: jax.Array, state_sharding) -> TrainState:
   """Starts from another checkpoint's weights; a classifier of another shape is re-initialized."""
-  variables = model_lib.replace_head(workdir_lib.load_variables(path), model, rng)
+  variables = model_lib.replace_head(loading.load_variables(path), model, rng)
 
   def place(state, params, batch_stats):
     return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
 
   logging.info('Initialized the model from %s.', path)
   return jax.jit(place, out_shardings=state_sharding)(state, variables['params'], variables['batch_stats'])
-
-
-def evaluate_checkpoint(
-    checkpoint: str, config: ml_collections.ConfigDict | None = None, *, split: str | None = None,
-    ten_crop: bool = False,
-) -> dict[str, float]:
-  """Evaluates saved weights (a workdir, one of its checkpoints, or converted weights) on a split.
-
-  The model is the one the weights record (workdir.load_model); `config` gives the data, batch size and compute
-  dtype, by default the workdir's own config.json (workdir.run_config).
-  """
-  _check_buckets(('--checkpoint', checkpoint))
-  if not storage.exists(checkpoint):
-    raise FileNotFoundError(f'No checkpoint at {checkpoint}: give a training workdir, one of its '
-                            'checkpoints/<step> directories, or converted weights.')
-  config = workdir_lib.run_config(checkpoint) if config is None else config
-  config_lib.validate(config)
-  _check_buckets(('config.data_dir', config.data_dir))
-  use_compilation_cache(config.compilation_cache_dir)
-  mesh = parallel.create_mesh()
-  info = pipeline.get_dataset_info(config.dataset, **_dataset_kwargs(config))
-  config_lib.validate_against_data(config, info, jax.device_count())
-  split = split or config.eval_split
-  if split not in info.eval_splits and split != 'train':
-    raise config_lib.ConfigError(f'{info.name} has no split {split!r}; it has {", ".join(info.eval_splits)}.')
-  model, variables = workdir_lib.load_model(checkpoint, dtype=jnp.dtype(config.dtype), kernels=config.kernels)
-  if model.num_classes != info.num_classes:
-    raise config_lib.ConfigError(
-        f'The weights at {checkpoint} have {model.num_classes} classes, {info.name} has {info.num_classes}: '
-        'evaluate them on the dataset they were trained for.')
-  state = TrainState.create(
-      apply_fn=model.apply, params=variables['params'], batch_stats=variables.get('batch_stats', {}),
-      tx=optax.identity(),
-  )
-  state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-  state = jax.device_put(state, state_sharding)
-  metrics = Evaluator(config, mesh, state_sharding, split, ten_crop=ten_crop)(state)
-  prefix = 'eval_ten_crop' if ten_crop else 'eval'
-  return _prefixed(metrics, prefix, info.num_classes)

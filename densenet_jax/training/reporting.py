@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import tqdm
 
-from densenet_jax import storage
-from densenet_jax.training import workdir as workdir_lib
+from densenet_jax.io import storage
+from densenet_jax.io import workdir as workdir_lib
 
 
 class MetricWriter:

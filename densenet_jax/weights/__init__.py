@@ -1,6 +1,6 @@
 """Pretrained weights: PyTorch (torchvision / timm) and Keras applications DenseNets -> Flax variables.
 
-Command line (see docs/pretrained.md):
+Command line (installed as a package: densenet-convert; see docs/pretrained.md):
 
     python -m densenet_jax.weights convert --source=densenet121-a639ec97.pth --model=densenet121 --output=DIR
     python -m densenet_jax.weights inspect --source=model.safetensors
@@ -42,8 +42,8 @@ Nothing in the training loop imports this package: conversion is done once, befo
 """
 
 from densenet_jax.model import WeightMismatchError, replace_head
-from densenet_jax.training.checkpoints import read_metadata, save_variables
-from densenet_jax.training.workdir import load_variables
+from densenet_jax.io.checkpoints import read_metadata, save_variables
+from densenet_jax.io.loading import load_variables
 from densenet_jax.weights.convert import (
     KERAS_BN_EPSILON,
     from_keras,

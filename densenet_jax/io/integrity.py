@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from densenet_jax import storage
+from densenet_jax.io import storage
 
 SIDECAR_SUFFIX = '.sha256.json'
 SET_ASIDE_MARKER = '.corrupt-'  # no underscore: orbax would read `name_<digits>` as a step

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from densenet_jax import cloud
-from densenet_jax.cloud import CLOUD_PREFIX, is_cloud, split_url  # for callers: paths need only this module
+from densenet_jax.io import cloud
+from densenet_jax.io.cloud import CLOUD_PREFIX, is_cloud, split_url  # for callers: paths need only this module
 
 
 def absolute(path: str | os.PathLike) -> str:

@@ -1,20 +1,15 @@
-"""The layout of a run's workdir, and loading what a user points at: a workdir, a checkpoint, converted weights.
-
-    WORKDIR/config.json           the resolved config (a rerun with another config is refused)
-    WORKDIR/checkpoints/<step>/   the latest `keep_checkpoints` training states
-    WORKDIR/best/<step>/          with keep_best_checkpoint: the state with the best eval accuracy
-    WORKDIR/metrics.jsonl         one JSON object per logged step
-    WORKDIR/tensorboard/          TensorBoard events
-    WORKDIR/error_curves.png      train and eval error vs epoch
+"""Loading what a user points at: a training workdir, one of its checkpoints, or converted weights.
 
     model, variables = load_model(path)     # any of: a workdir, WORKDIR/checkpoints/<step>, converted weights
+    variables = load_variables(path)        # {'params', 'batch_stats'} as numpy arrays
+    config = run_config(path)               # the config the weights were trained with
 
-WORKDIR and every path here may be local or gs://bucket/... (densenet_jax.storage).
+Evaluation, prediction, analysis and fine-tuning (config.init_from) all read weights through here, so a checkpoint
+means the same model everywhere. Nothing here imports the training loop, and orbax only when weights are read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,79 +23,17 @@ from flax import traverse_util
 
 from densenet_jax import config as config_lib
 from densenet_jax import model as model_lib
-from densenet_jax import platform, storage
-from densenet_jax.training import checkpoints
+from densenet_jax import platform
+from densenet_jax.io import checkpoints, storage
+from densenet_jax.io import workdir as workdir_lib
 
-CONFIG_FILE = 'config.json'
-CHECKPOINTS_DIR = 'checkpoints'
-BEST_DIR = 'best'
-METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'
-CURVES_FILE = 'error_curves.png'
 IMAGENET_CLASSES = 1000
 
-# Fields that do not change what a run computes: a resumed run may change them.
-COSMETIC_FIELDS = frozenset({'log_every_steps', 'progress_bar', 'keep_checkpoints', 'compilation_cache_dir',
-                             'checkpoint_every_epochs', 'eval_every_epochs'})
-# Fields that choose how the same model is computed (densenet_jax.platform): config.json records the form a run
-# chose, and a resumed run reuses it unless its config sets another, which then continues the same training, equal
-# to an uninterrupted run up to float rounding rather than bit for bit.
-FORM_FIELDS = frozenset(platform.FORM_FIELDS)
 
-
-class DiskFullError(RuntimeError):
-  """A write into the workdir (metrics, TensorBoard events, curves) failed: its file system is full."""
-
-
-def disk_full_error(error: BaseException, workdir: str) -> DiskFullError | None:
-  """The one-paragraph DiskFullError for `error` if a full disk caused it, else None."""
-  if not checkpoints.is_disk_full(error):
-    return None
-  _, cause = checkpoints.write_failure(error)
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  steps = checkpoints.complete_steps(directory)
-  kept = (f'The complete checkpoints in {directory} (steps {", ".join(map(str, steps))}) are untouched; free '
-          f'space, then run the same command again to resume from step {steps[-1]}.' if steps else
-          'No checkpoint was complete yet; free space and run the same command again to start over.')
-  return DiskFullError(f'The disk holding {workdir} is full: a write failed ({cause}). {kept}')
-
-
-def prepare(workdir: str) -> str:
-  """Creates `workdir` if needed and checks that files can be written there; returns its absolute path (or URL).
-
-  Raises ConfigError naming the problem (a file in the way, a read-only or missing parent) before anything runs.
-  """
-  workdir = storage.absolute(workdir)
-  probe = f'{workdir}/.write-test-{os.getpid()}'
-  try:
-    storage.makedirs(workdir)
-    with storage.open_file(probe, 'w') as f:
-      f.write('ok')  # tf.io.gfile creates no object for a file left empty
-    storage.remove(probe)
-  except OSError as error:
-    raise config_lib.ConfigError(
-        f'--workdir={workdir} cannot be used: {error.strerror or error} ({error.filename or workdir}). Give a '
-        'directory that can be created and written to (not a file, not under a file, not read-only).') from None
-  except Exception as error:  # pylint: disable=broad-except  # tf.io.gfile's errors on gs:// are no OSErrors
-    if not storage.is_cloud(workdir):
-      raise
-    raise config_lib.ConfigError(
-        f'--workdir={workdir} cannot be used: {type(error).__name__}: {" ".join(str(error).split())[:300]}. Give '
-        'a gs:// folder that these credentials may write to (role Storage Object User on the bucket).') from None
-  return workdir
-
-
-def _read_json(path: str) -> dict:
-  """A config.json, or ConfigError if it is unreadable (cut short by a crash, edited by hand)."""
-  try:
-    resolved = json.loads(storage.read_text(path))
-    if not isinstance(resolved, dict):
-      raise ValueError('not a JSON object')
-  except ValueError as error:
-    raise config_lib.ConfigError(
-        f'{path} is not a valid config ({error}). It records the config of the run in that workdir: restore it '
-        f'from a copy, or delete it to continue the run with the config given now.') from None
-  return resolved
+def recorded_config(workdir: str) -> dict[str, Any] | None:
+  """The config.json of `workdir` as a dict, or None if it has none yet."""
+  path = f'{workdir}/{workdir_lib.CONFIG_FILE}'
+  return workdir_lib.read_config_json(path) if storage.exists(path) else None
 
 
 def with_form(config: ml_collections.ConfigDict, backend: str,
@@ -108,7 +41,7 @@ def with_form(config: ml_collections.ConfigDict, backend: str,
   """A copy of `config` with concrete form fields: each one `config` sets, else the one `recorded` (a run's
   config.json) holds, else `platform.choose`'s for `backend`. So a run keeps the form it started with."""
   filled = config.copy_and_resolve_references()
-  for field in FORM_FIELDS:
+  for field in workdir_lib.FORM_FIELDS:
     if filled[field] is None and recorded and recorded.get(field) is not None:
       filled[field] = recorded[field]
   for field, value in platform.choose(filled, backend).model_options().items():
@@ -116,44 +49,14 @@ def with_form(config: ml_collections.ConfigDict, backend: str,
   return filled
 
 
-def recorded_config(workdir: str) -> dict[str, Any] | None:
-  """The config.json of `workdir` as a dict, or None if it has none yet."""
-  path = f'{workdir}/{CONFIG_FILE}'
-  return _read_json(path) if storage.exists(path) else None
-
-
-def record_config(config: ml_collections.ConfigDict, workdir: str, *, writer: bool = True) -> None:
-  """Refuses to continue a run of another config in `workdir`; records the config of a new run.
-
-  Fields that do not change the result (COSMETIC_FIELDS) or only how it is computed (FORM_FIELDS) may differ.
-  Only the `writer` process writes.
-  """
-  path = f'{workdir}/{CONFIG_FILE}'
-  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-  if storage.exists(path):
-    previous = config_lib.with_defaults(_read_json(path))  # A field added since the run started ran at its default.
-    changed = sorted(k for k in set(previous) | set(resolved)
-                     if k not in COSMETIC_FIELDS | FORM_FIELDS and previous.get(k) != resolved.get(k))
-    if changed:
-      details = '; '.join(f'{k}: {previous.get(k)!r} -> {resolved.get(k)!r}' for k in changed)
-      raise config_lib.ConfigError(
-          f'{workdir} holds a run with another config ({details}). Use a new --workdir for a new run, or delete '
-          f'{path} to resume that run with the new config anyway.'
-      )
-    return
-  if not writer:
-    return
-  storage.write_atomically(path, json.dumps(resolved, indent=2, sort_keys=True))
-
-
 def find_config(path: str) -> str | None:
   """config.json of a workdir, given the workdir or one of its WORKDIR/{checkpoints,best}/<step> directories."""
   path = storage.absolute(path)
   candidates = [path]
-  if os.path.basename(os.path.dirname(path)) in (CHECKPOINTS_DIR, BEST_DIR):
+  if os.path.basename(os.path.dirname(path)) in (workdir_lib.CHECKPOINTS_DIR, workdir_lib.BEST_DIR):
     candidates.append(os.path.dirname(os.path.dirname(path)))
   for directory in candidates:
-    candidate = f'{directory}/{CONFIG_FILE}'
+    candidate = f'{directory}/{workdir_lib.CONFIG_FILE}'
     if storage.isfile(candidate):
       return candidate
   return None
@@ -161,7 +64,7 @@ def find_config(path: str) -> str | None:
 
 def read_config(config_path: str) -> ml_collections.ConfigDict:
   """A run's config.json, completed with the fields added since at their defaults."""
-  resolved = config_lib.with_defaults(_read_json(config_path))
+  resolved = config_lib.with_defaults(workdir_lib.read_config_json(config_path))
   reference = config_lib.get_config()
   # JSON has no tuples: give tuple fields (lr_boundaries_epochs) back their type, which validate() checks.
   return ml_collections.ConfigDict({
@@ -177,8 +80,8 @@ def run_config(path: str) -> ml_collections.ConfigDict:
   metadata = checkpoints.read_metadata(checkpoint_path(path))
   if metadata.get('num_classes') != IMAGENET_CLASSES:
     raise config_lib.ConfigError(
-        f'{path} records no training config (no {CONFIG_FILE} beside it) and holds no 1000-class ImageNet '
-        'classifier; pass --config=FILE naming the dataset its classifier was trained on.')
+        f'{path} records no training config (no {workdir_lib.CONFIG_FILE} beside it) and holds no 1000-class '
+        'ImageNet classifier; pass --config=FILE naming the dataset its classifier was trained on.')
   config = config_lib.get_config()
   # The model itself is read from the weights; the config names the data and how to evaluate it.
   config.model = metadata['model'] if metadata.get('model') in model_lib.MODELS else 'densenet121'
@@ -190,8 +93,8 @@ def run_config(path: str) -> ml_collections.ConfigDict:
 def checkpoint_candidates(path: str) -> list[str]:
   """The checkpoints `path` means, best first: a workdir's complete checkpoints newest first, or `path` itself."""
   path = storage.absolute(path)
-  directory = f'{path}/{CHECKPOINTS_DIR}'
-  is_workdir = storage.isdir(directory) or storage.isfile(f'{path}/{CONFIG_FILE}')
+  directory = f'{path}/{workdir_lib.CHECKPOINTS_DIR}'
+  is_workdir = storage.isdir(directory) or storage.isfile(f'{path}/{workdir_lib.CONFIG_FILE}')
   if not is_workdir:
     return [path]
   steps = checkpoints.complete_steps(directory)
@@ -232,9 +135,9 @@ def load_model(path: str, **overrides) -> tuple[model_lib.DenseNet, dict[str, An
   variables = load_variables(path)
   config_path = find_config(path)
   config = read_config(config_path) if config_path is not None else config_lib.get_config()
-  for field in FORM_FIELDS & set(overrides):
+  for field in workdir_lib.FORM_FIELDS & set(overrides):
     config[field] = overrides[field]
-  form = {field: with_form(config, jax.default_backend())[field] for field in FORM_FIELDS}
+  form = {field: with_form(config, jax.default_backend())[field] for field in workdir_lib.FORM_FIELDS}
   options = {'dtype': jnp.float32, **overrides, **form}
   if config_path is not None:
     params = variables['params']
@@ -255,7 +158,7 @@ def _model_from_metadata(path: str, metadata: Mapping[str, Any]) -> model_lib.De
   if metadata.get('num_classes') is None:
     raise ValueError(
         f'{path} holds no classifier (backbone weights) or no metadata; read its variables with '
-        'densenet_jax.training.workdir.load_variables(path).'
+        'densenet_jax.io.loading.load_variables(path).'
     )
   if metadata.get('architecture'):
     architecture = {**metadata['architecture'], 'block_sizes': tuple(metadata['architecture']['block_sizes'])}
@@ -276,7 +179,7 @@ def _check_fits(model: model_lib.DenseNet, variables: Mapping[str, Any], path: s
     details = '; '.join(f'{k}: model {want.get(k)}, checkpoint {got.get(k)}' for k in wrong[:5])
     recorded = find_config(path) or 'their metadata'
     raise model_lib.WeightMismatchError(
-        f'The weights at {path} do not fit the architecture recorded with them in {recorded} ({details}): another model wrote them. Evaluate or fine-tune them with the config of the run '
-        'that wrote them.', missing=[k for k in wrong if k not in got], unexpected=[k for k in wrong if k not in want],
+        f'The weights at {path} do not fit the architecture recorded with them in {recorded} ({details}): another '
+        'model wrote them. Evaluate or fine-tune them with the config of the run that wrote them.',
+        missing=[k for k in wrong if k not in got], unexpected=[k for k in wrong if k not in want],
         mismatched=[(k, got[k], want[k]) for k in wrong if k in got and k in want])
-

@@ -80,5 +80,13 @@ def check_bucket(url: str, what: str) -> None:
         '(a Cloud TPU VM reaches storage.googleapis.com directly) and run the command again.') from None
 
 
+def check_buckets(*named_paths: tuple[str, str | None]) -> None:
+  """check_bucket for each (what, path) given, where path is set: a run reports an unusable gs:// path (no package,
+  credentials or bucket) before anything starts."""
+  for what, path in named_paths:
+    if path:
+      check_bucket(path, what)
+
+
 def _one_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {" ".join(str(error).split())[:300]}'

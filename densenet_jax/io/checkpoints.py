@@ -21,14 +21,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from absl import logging
 
-from densenet_jax import storage
-from densenet_jax.training import integrity
+from densenet_jax.io import integrity, storage
 
 INCOMPLETE_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint whose write did not finish
 COMMIT_FILE = 'commit_success.txt'  # on gs://: written last into a checkpoint whose write finished
+
+
+def _orbax():
+  """orbax.checkpoint, imported when a checkpoint is first read or written rather than with this module: inference,
+  analysis and weight conversion import this module, and orbax (over 200 modules, tensorstore among them) is only
+  needed once they open a checkpoint; the disk-full helpers here need none of it."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  return ocp
 
 
 class CheckpointWriteError(RuntimeError):
@@ -99,7 +106,7 @@ class Checkpointer:
   """Saves and restores training states of one directory (a thin layer over CheckpointManager).
 
   Opening one deletes the unfinished checkpoints of a crashed run (with a warning), so do not open it on
-  the workdir of a run in progress; read such a workdir with workdir.load_variables.
+  the workdir of a run in progress; read such a workdir with loading.load_variables.
   """
 
   def __init__(self, directory: str, *, keep: int, asynchronous: bool = True):
@@ -108,6 +115,7 @@ class Checkpointer:
     self._primary = jax.process_index() == 0  # the process that writes checksums and sets checkpoints aside
     self._failed = False
     incomplete = incomplete_checkpoints(self.directory)
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
         # Orbax keeps unfinished temporary directories unless told, and a new save of the same step
@@ -154,6 +162,7 @@ class Checkpointer:
     """
     self.wait()  # Report a failed background write under its own step.
     self._saving = step
+    ocp = _orbax()
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     except Exception as error:  # pylint: disable=broad-except
@@ -163,6 +172,7 @@ class Checkpointer:
   def restore(self, template: Any, step: int | None = None) -> Any:
     """Restores checkpoint `step` (default: latest) with the structure, dtypes and shardings of `template`."""
     step = self.latest_step() if step is None else step
+    ocp = _orbax()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -243,20 +253,20 @@ def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping
   if storage.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; choose another output directory or overwrite it.')
   tree = {c: jax.device_get(variables.get(c, {})) for c in ('params', 'batch_stats')}
-  with ocp.StandardCheckpointer() as checkpointer:  # Leaving the block waits for the save to finish.
+  with _orbax().StandardCheckpointer() as checkpointer:  # Leaving the block waits for the save to finish.
     checkpointer.save(path, tree, force=overwrite, custom_metadata=dict(metadata or {}))
   return path
 
 
 def read_metadata(path: str) -> dict[str, Any]:
   """The custom metadata stored by save_variables (model, num_classes, source, ...), or {}."""
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _orbax().StandardCheckpointer() as checkpointer:
     return dict(checkpointer.metadata(storage.absolute(path)).custom_metadata or {})
 
 
 def load_variables(path: str) -> dict[str, Any]:
   """Reads {'params', 'batch_stats'} as numpy arrays from a checkpoint written by save_variables or from one step
-  directory of a training run (workdir.load_variables also takes a workdir)."""
+  directory of a training run (loading.load_variables also takes a workdir)."""
   path = storage.absolute(path)
   item = path
   if storage.isdir(f'{path}/default'):  # a step directory written by CheckpointManager
@@ -271,7 +281,7 @@ def load_variables(path: str) -> dict[str, Any]:
     raise CheckpointCorruptError(
         f'The checkpoint at {path} is damaged ({reason}: its files do not match the checksums written with it). '
         'Use another checkpoint of the run, e.g. the previous checkpoints/<step> directory.')
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = _orbax().StandardCheckpointer()
   # Restore onto this process's first device, whatever device layout the checkpoint was saved from.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:

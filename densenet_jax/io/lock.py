@@ -4,7 +4,8 @@ Two runs in one workdir would overwrite each other's checkpoints and interleave 
 created atomically (written to a file of its own, then hard-linked to `.lock`, which fails if it exists), so
 its content is complete whenever it exists. A lock whose process is dead on this host (kill -9, power loss)
 is stale and taken over with a warning; a lock of another host is trusted, since its process cannot be checked.
-A gs:// workdir has its own lock (cloud_lock.py): created only if absent, kept fresh by a heartbeat.
+A gs:// workdir has its own lock (cloud_lock.py): created only if absent, kept fresh by a heartbeat. What a lock
+records, and the WorkdirBusy error both raise, are lock_record.py's.
 """
 
 from __future__ import annotations
@@ -12,29 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import time
 
 from absl import logging
 
-from densenet_jax import config as config_lib
-from densenet_jax import storage
-
-LOCK_FILE = '.lock'
-
-
-class WorkdirBusy(config_lib.ConfigError):
-  """Another process trains in the workdir; the message names it."""
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # alive, owned by another user
-    return True
-  return True
+from densenet_jax.io import cloud_lock, storage
+from densenet_jax.io.lock_record import LOCK_FILE, WorkdirBusy, busy_message, dead_on_this_host, describe, this_process
 
 
 def _read(path: str) -> dict:
@@ -44,29 +27,6 @@ def _read(path: str) -> dict:
     return holder if isinstance(holder, dict) else {}
   except (OSError, ValueError):
     return {}
-
-
-def describe(holder: dict) -> str:
-  started = holder.get('started')
-  since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started)) if isinstance(started, (int, float)) else '?'
-  return f'process {holder.get("pid", "?")} on host {holder.get("host", "?")}, started {since}'
-
-
-def this_process() -> dict:
-  """What a lock records about its holder."""
-  return {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}
-
-
-def dead_on_this_host(holder: dict) -> bool:
-  """Whether `holder` names a process of this host that no longer runs."""
-  return (holder.get('host') == socket.gethostname() and isinstance(holder.get('pid'), int)
-          and not _alive(holder['pid']))
-
-
-def busy_message(workdir: str, holder: dict, lock_path: str, remedy: str) -> str:
-  return (f'{workdir} is in use by another run ({describe(holder)}; its lock is {lock_path}). Two runs in one '
-          'workdir would overwrite each other\'s checkpoints: wait for that run to end, or use another '
-          f'--workdir. {remedy}')
 
 
 def acquire(workdir: str) -> dict:
@@ -110,8 +70,6 @@ def held(workdir: str, *, enabled: bool = True):
     yield
     return
   if storage.is_cloud(workdir):
-    from densenet_jax.training import cloud_lock  # pylint: disable=import-outside-toplevel  # it imports this module
-
     with cloud_lock.held(workdir):
       yield
     return

@@ -20,15 +20,14 @@ import time
 
 from absl import logging
 
-from densenet_jax import cloud, storage
-from densenet_jax.training import lock
+from densenet_jax.io import cloud, lock_record, storage
 
 HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 300.0  # five missed heartbeats
 
 
 def _blob(workdir: str):
-  bucket, name = storage.split_url(f'{workdir}/{lock.LOCK_FILE}')
+  bucket, name = storage.split_url(f'{workdir}/{lock_record.LOCK_FILE}')
   return cloud.storage_client().bucket(bucket).blob(name)
 
 
@@ -43,19 +42,19 @@ def _holder(blob) -> dict:
 def _is_stale(holder: dict, blob, stale_after: float) -> bool:
   beat = holder.get('heartbeat')
   last = beat if isinstance(beat, (int, float)) else blob.updated.timestamp()
-  return time.time() - last > stale_after or lock.dead_on_this_host(holder)
+  return time.time() - last > stale_after or lock_record.dead_on_this_host(holder)
 
 
 def acquire(workdir: str, *, stale_after: float = STALE_AFTER_SECONDS):
   """Takes the lock of the gs:// `workdir`; returns (the lock's blob, what it records).
 
-  Raises lock.WorkdirBusy naming the holder if a live run holds it.
+  Raises lock_record.WorkdirBusy naming the holder if a live run holds it.
   """
   from google.api_core import exceptions as api_errors  # pylint: disable=import-outside-toplevel
 
   blob = _blob(workdir)
-  url = f'{workdir}/{lock.LOCK_FILE}'
-  mine = lock.this_process()
+  url = f'{workdir}/{lock_record.LOCK_FILE}'
+  mine = lock_record.this_process()
   mine['heartbeat'] = mine['started']
   for _ in range(3):
     try:
@@ -71,15 +70,15 @@ def acquire(workdir: str, *, stale_after: float = STALE_AFTER_SECONDS):
     except (api_errors.NotFound, api_errors.PreconditionFailed):  # released or refreshed in the meantime
       continue
     if not _is_stale(holder, current, stale_after):
-      raise lock.WorkdirBusy(lock.busy_message(
+      raise lock_record.WorkdirBusy(lock_record.busy_message(
           workdir, holder, url,
           f'A lock whose heartbeat is older than {stale_after:.0f} s is taken over; if that run is gone, '
           f'wait that long or delete {url}.'))
     logging.warning('Taking over the lock %s of %s, which stopped refreshing it (or no longer runs).',
-                    url, lock.describe(holder))
+                    url, lock_record.describe(holder))
     with contextlib.suppress(api_errors.NotFound, api_errors.PreconditionFailed):
       current.delete(if_generation_match=current.generation)
-  raise lock.WorkdirBusy(f'Could not take the lock {url}: other processes keep taking it.')
+  raise lock_record.WorkdirBusy(f'Could not take the lock {url}: other processes keep taking it.')
 
 
 class Heartbeat:
