@@ -1,6 +1,8 @@
 """The machine is read in one place, above the model: densenet_jax.platform chooses, the model takes values."""
 
 import ast
+import functools
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -111,3 +113,29 @@ def test_the_environment_is_prepared_before_jax_is_imported():
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=120)
   assert result.stdout.split() == ['False', '2'], result.stdout + result.stderr
+
+
+def test_an_installed_libtpu_is_not_started_on_a_machine_without_a_tpu(tmp_path):
+  from densenet_jax.platform import environment  # pylint: disable=import-outside-toplevel
+  hide = functools.partial(environment.hide_absent_tpu, dev=str(tmp_path))
+  environ = {}
+  assert hide(environ, libtpu_installed=True, other_plugins=False) and environ == {'JAX_PLATFORMS': 'cpu'}
+  assert not hide({}, libtpu_installed=False, other_plugins=False)  # nothing to hide
+  assert not hide({}, libtpu_installed=True, other_plugins=True)  # a GPU plugin: JAX chooses
+  assert not hide({'JAX_PLATFORMS': 'tpu'}, libtpu_installed=True, other_plugins=False)  # the user's choice
+  (tmp_path / 'vfio').mkdir()
+  (tmp_path / 'vfio' / 'vfio').touch()
+  assert hide({}, libtpu_installed=True, other_plugins=False)  # /dev/vfio/vfio alone is no TPU
+  (tmp_path / 'vfio' / '0').touch()
+  assert not hide({}, libtpu_installed=True, other_plugins=False)  # a v5p or later TPU VM
+  assert environment.tpu_present(str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='libtpu is not installed')
+def test_with_libtpu_installed_the_first_line_of_a_config_error_is_ours():
+  environ = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  # The eval split is checked after JAX has started its backends: libtpu's own lines would come first.
+  command = [sys.executable, 'train.py', '--config=configs/quickstart.py', '--workdir=/tmp/unused',
+             '--config.eval_split=validation']
+  result = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and result.stderr.startswith('Config error'), result.stderr[-2000:]
