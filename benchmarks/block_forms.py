@@ -11,8 +11,8 @@ gradients:
   ReLU -> Conv1x1 -> BatchNorm -> ReLU -> Conv3x3 with flax.linen.BatchNorm and flax.linen.Conv.
 * `buffer`: the same layers, but the block preallocates its output (all channels it will ever have) and
   writes each new feature map into it with lax.dynamic_update_slice; layer i reads a prefix slice.
-* `library`: densenet_jax.model.DenseBlock (moments once per feature map, BatchNorm folded into the
-  ReLU, 1x1 convs as matmuls; see densenet_jax/model/layers.py).
+* `library`: the faster forms' block, densenet_jax/model/forms/blocks.py (moments once per feature map,
+  BatchNorm folded into the ReLU, the kernel set train.py chooses here).
 * `library_buffer`: the library's layers reading from a preallocated buffer.
 
 Needs only jax and flax. XLA flags are train.py's (densenet_jax/platform/xla_flags.py) plus whatever XLA_FLAGS

@@ -65,10 +65,10 @@ def host(path: str = '/proc/cpuinfo') -> str:
 class CpuDefaults:
   """What the library does by default on one CPU family, and the measurement it rests on."""
 
-  kernels: str  # The model's kernel set (densenet_jax/model/kernels.py): 'cpu' or 'xla'.
+  kernels: str  # The model's kernel set (densenet_jax/model/forms/kernels.py): 'cpu' or 'xla'.
   convolutions_on_eigen: bool  # xla_flags.CPU_CONVOLUTIONS_ON_EIGEN, on the jaxlib releases it was measured on.
   evidence: str
-  # How dense blocks are computed when a model leaves it open (kernels.BlockForm): recompute each layer's
+  # How dense blocks are computed when a config leaves it open (choice.Form): recompute each layer's
   # normalized input in the backward pass, and compute blocks this many layers at a time (0: unrolled).
   memory_efficient: bool = False
   layers_per_scan: int = 0

@@ -6,8 +6,8 @@ rounds as a loop of five iterations, and XLA:CPU runs each iteration as its own 
 compiles each call's loop again: dropout then costs a large part of a CIFAR train step, and seconds of compile per
 dropout site (docs/performance.md, "Dropout"). `threefry_keep_mask` writes the same rounds out, so that XLA fuses
 them into one kernel with the mask's consumer; it reproduces JAX's counters and its bits-to-float conversion, so
-its masks are `jax.random.bernoulli`'s bit for bit (tests/test_dropout_masks.py). Which of the two a backend uses
-is chosen in densenet_jax/model/kernels.py. `pack` and `unpack` store a mask in a bit per value, so that a mask
+its masks are `jax.random.bernoulli`'s bit for bit (tests/test_dropout_masks.py). A model names the one it uses
+(`dropout_masks`, kernels.DROPOUT_MASKS); densenet_jax/platform chooses per backend. `pack` and `unpack` store a mask in a bit per value, so that a mask
 is drawn once per step and a backward pass reads it instead of drawing it again (dense_layer.keep_mask).
 """
 
