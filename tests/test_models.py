@@ -285,7 +285,7 @@ def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_
   efficient = plain.clone(memory_efficient=True)  # unrolled: layers_per_scan=0
   x, labels = images(), jnp.arange(4) % 5
   variables = init(plain, x)
-  rng = jax.random.key(7) if dropout_rate else 
+  rng = jax.random.key(7) if dropout_rate else None
   loss, grads = _loss_and_grads(plain, variables, x, labels, rng)
   loss_eff, grads_eff = _loss_and_grads(efficient, variables, x, labels, rng)
   # Same parameter tree, so checkpoints move freely between the two.
