@@ -15,7 +15,6 @@ import pytest
 
 from densenet_jax import memory, platform
 from densenet_jax import model as model_lib
-from densenet_jax.model.forms import kernels
 from densenet_jax.platform import cpu_family, xla_flags
 from densenet_jax.summary import count_params, summarize
 
@@ -213,7 +212,7 @@ def test_train_mode_uses_batch_statistics_and_updates_running_averages():
   assert not np.allclose(train_alone[:1], train_in_batch[:1], atol=1e-3)
 
 
-def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem(monkeypatch):
+def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem():
   model = tiny_model(dropout_rate=0.5)
   x = images()
   variables = init(model, x)
@@ -228,19 +227,16 @@ def test_dropout_only_in_train_mode_and_after_every_conv_but_the_stem(monkeypatc
   with pytest.raises(Exception, match='dropout'):
     jax.eval_shape(lambda: model.apply(variables, x, train=True, mutable=['batch_stats']))
 
-  # Count the dropout sites: every dense-layer conv (2 per bottleneck layer) and the transitions; each draws its
-  # mask with one call of the model's mask drawer.
-  sites, keep_mask = [], kernels.DROPOUT_MASKS[model.dropout_masks]
-  monkeypatch.setitem(kernels.DROPOUT_MASKS, model.dropout_masks, lambda *args: sites.append(args) or keep_mask(*args))
-  jax.eval_shape(lambda: model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                     rngs={'dropout': jax.random.key(0)}))
-  num_layers = sum(model.block_sizes)
-  assert len(sites) == 2 * num_layers + (len(model.block_sizes) - 1)
-
-  # A backward pass that recomputes each layer (memory_efficient) reads the forward pass's masks: drawing them with
-  # JAX's own code (one random_bits each), the gradient's program draws each mask once in every form.
-  monkeypatch.undo()
+  # Count the dropout sites: every dense-layer conv (2 per bottleneck layer) and the transitions; with JAX's own
+  # masks (the model's default) each draws one random_bits.
   assert model.dropout_masks == 'jax'
+  forward = jax.make_jaxpr(lambda: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                               rngs={'dropout': jax.random.key(0)}))()
+  num_layers = sum(model.block_sizes)
+  assert _count_primitive(forward.jaxpr, 'random_bits') == 2 * num_layers + (len(model.block_sizes) - 1)
+
+  # A backward pass that recomputes each layer (memory_efficient) reads the forward pass's masks: the gradient's
+  # program draws each mask once in every form.
 
   def loss(params, model):
     logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
