@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import model as model_lib
 from densenet_jax.model.forms import kernels
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import memory, platform
+from densenet_jax import platform
 from densenet_jax import model as model_lib
 from densenet_jax.platform import cpu_family, xla_flags
 from densenet_jax.summary import count_params, summarize
