@@ -5,6 +5,8 @@
 Batch 4096 instead of the paper's 256: the learning rate is 0.1 per 256 images scaled linearly, 0.1 * 4096 / 256 =
 1.6, reached by a linear warmup from 0 over the first 5 epochs (Goyal et al., https://arxiv.org/abs/1706.02677,
 Sec. 2.1-2.2), then divided by 10 at epochs 30 and 60 of 90 as in the paper (https://arxiv.org/abs/1608.06993).
+BatchNorm statistics per 32 images, as that recipe prescribes (Goyal et al., Sec. 5.1): each chip normalizes its own
+images, so no BatchNorm statistic crosses the network.
 bfloat16 compute, float32 parameters. Check that a step fits the chips before launching, e.g. on a v5p-128 slice
 (64 chips, 64 images per chip):
 
@@ -24,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.1  # per 256 images
   config.lr_reference_batch_size = 256
   config.warmup_epochs = 5.0
+  config.batch_norm_group_size = 32
   config.dtype = 'bfloat16'
   config.log_every_steps = 50
   return config

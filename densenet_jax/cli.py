@@ -17,19 +17,25 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import jax
 from absl import app, flags, logging
 
 from densenet_jax import config as config_lib
 from densenet_jax import data, model
 from densenet_jax.io import checkpoints, cloud, lock, workdir
-from densenet_jax.training import parallel, steps, stopping
+from densenet_jax.platform import launchers
+from densenet_jax.training import steps, stopping
 
 T = TypeVar('T')
+
+flags.DEFINE_integer('heartbeat_timeout', 100, 'Multi-process runs: seconds after which the other processes end a '
+                     'run whose process stopped answering (killed, its host lost); a rerun resumes.', lower_bound=1)
 
 # Failures the user can act on: one paragraph and an exit code, no traceback. 2: fix the input; 1: the run
 # stopped (its complete checkpoints are kept).
 FAILURES: dict[type[BaseException], tuple[str, int]] = {  # the first class that matches gives the label
     lock.WorkdirBusy: ('Workdir in use', 2),
+    launchers.LaunchError: ('Launch error', 2),  # a multi-process launch that cannot start (docs/multihost.md)
     cloud.CloudStorageError: ('Cloud storage error', 2),  # gs://: no package, credentials, bucket or permission
     config_lib.ConfigError: ('Config error', 2),
     model.WeightMismatchError: ('Weights do not fit', 2),  # an evaluated or init_from checkpoint of another model
@@ -174,7 +180,18 @@ def start(argv: list[str], *, positional: bool = False) -> None:
   sys.excepthook = without_late_wake_ups(sys.excepthook)
   sys.unraisablehook = unraisable_without_late_wake_ups(sys.unraisablehook)
   keep_accelerators_for_jax()
-  parallel.maybe_initialize_distributed()
+  run_reporting_failures(start_processes)
+
+
+def start_processes() -> None:
+  """JAX's distributed runtime where a launcher started several processes (platform/launchers.py); process 0
+  says what the run is made of."""
+  launch = launchers.detect()
+  launchers.start_distributed(launch, heartbeat_timeout_seconds=flags.FLAGS.heartbeat_timeout)
+  if launch is not None:
+    if jax.process_index() == 0:
+      logging.info('One run of %d processes with %d devices (%d per process), started by %s.', jax.process_count(),
+                   jax.device_count(), jax.local_device_count(), launch.launcher)
 
 
 def is_late_wake_up(value: BaseException | None, tb) -> bool:
@@ -218,6 +235,14 @@ def run_reporting_failures(job: Callable[[], T]) -> T:
     print(f'{label}: {error}', file=sys.stderr)
     close_abandoned_coroutines()
     sys.exit(exit_code)
+  except Exception:
+    # Also where another process died first: this one's next collective fails. The others end when they miss
+    # this process's heartbeats (--heartbeat_timeout).
+    if jax.process_count() > 1:
+      print(f'Process {jax.process_index()} of this {jax.process_count()}-process run stopped on the error that '
+            'follows. Run the same command again on every host: it resumes from the last checkpoint.',
+            file=sys.stderr)
+    raise
 
 
 def close_abandoned_coroutines() -> None:

@@ -94,11 +94,45 @@ print('ok')
 """
 
 
-def test_groups_of_the_per_device_batch_on_four_devices_equal_each_device_alone():
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
-  result = subprocess.run([sys.executable, '-c', FOUR_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
+def run_on_four_cpu_devices(script):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
+         'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
+
+
+def test_groups_of_the_per_device_batch_on_four_devices_equal_each_device_alone():
+  run_on_four_cpu_devices(FOUR_DEVICES)
+
+
+ONE_TWO_FOUR_DEVICES = """
+import functools, jax, jax.numpy as jnp, numpy as np
+from densenet_jax.model import imagenet_densenet
+from densenet_jax.training import optim, parallel, steps
+assert jax.device_count() == 4
+images = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+batch = {'image': images, 'label': jnp.arange(8) % 5}
+for group in (2, 4):  # 4 per group: on 4 devices each group spans 2 of them
+  model = imagenet_densenet((2, 2), 4, num_classes=5, dropout_rate=0.2, batch_norm_group_size=group)
+  tx = optim.create_optimizer(lambda step: 0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+  results = []
+  for count in (1, 2, 4):  # the real train step, the state replicated and the batch sharded as in training
+    mesh = parallel.create_mesh(jax.devices()[:count])
+    state = steps.create_train_state(jax.random.key(1), model, (32, 32, 3), tx)
+    step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lambda step: 0.1),
+                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh), parallel.replicated(mesh)))
+    for _ in range(2):
+      state, metrics = step(state, batch, jax.random.key(2))
+    results.append((state.params, state.batch_stats, metrics['train_loss']))
+  for other in results[1:]:
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=2e-6), other, results[0])
+print('ok')
+"""
+
+
+def test_a_grouped_config_takes_the_same_step_on_one_two_and_four_devices():
+  run_on_four_cpu_devices(ONE_TWO_FOUR_DEVICES)
 
 
 @pytest.mark.parametrize('group, devices, message', [

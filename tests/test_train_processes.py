@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,31 +53,6 @@ def test_four_devices_give_the_same_training_as_one(tmp_path):
             for d in ('one', 'four')]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
   assert_same_params(params_of(tmp_path / 'one'), params_of(tmp_path / 'four'), rtol=1e-3, atol=1e-5)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_each_reading_its_slice_train_like_one(tmp_path):
-  flags = ['--config.num_epochs=1', '--config.lr_boundaries_epochs=(0.5,)']
-  run_train(tmp_path / 'single', *flags)
-  port = _free_port()
-  processes = [
-      run_train(tmp_path / 'multi', *flags, wait=False, env={
-          'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
-          'JAX_NUM_PROCESSES': '2',
-          'JAX_PROCESS_ID': str(i),
-          'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
-      })
-      for i in range(2)
-  ]
-  for process in processes:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
-  assert_same_params(params_of(tmp_path / 'single'), params_of(tmp_path / 'multi'), rtol=1e-3, atol=1e-5)
 
 
 def test_sigterm_saves_and_a_restart_resumes_exactly(tmp_path):

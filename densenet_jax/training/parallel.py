@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
-
-
-def maybe_initialize_distributed() -> None:
-  """Starts jax.distributed when the environment describes a multi-process run.
-
-  On Cloud TPU pods and SLURM/Open MPI clusters jax.distributed.initialize() finds everything itself;
-  elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (as the launcher of
-  tests/test_multiprocess.py does). A single-process run needs nothing.
-  """
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize(
-        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']),
-    )
 
 
 def create_mesh(devices=None) -> Mesh:
