@@ -111,15 +111,16 @@ import functools, jax, jax.numpy as jnp, numpy as np
 from densenet_jax.model import imagenet_densenet
 from densenet_jax.training import optim, parallel, steps
 assert jax.device_count() == 4
-images = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+images = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
 batch = {'image': images, 'label': jnp.arange(8) % 5}
-for group in (2, 4):  # 4 per group: on 4 devices each group spans 2 of them
-  model = imagenet_densenet((2, 2), 4, num_classes=5, dropout_rate=0.2, batch_norm_group_size=group)
-  tx = optim.create_optimizer(lambda step: 0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+tx = optim.create_optimizer(lambda step: 0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+# Groups of 2 on 1, 2 and 4 devices; groups of 4 on 1 device and on 4, where each group spans 2 devices.
+for group, counts in ((2, (1, 2, 4)), (4, (1, 4))):
+  model = imagenet_densenet((1, 2), 4, num_classes=5, dropout_rate=0.2, batch_norm_group_size=group)
   results = []
-  for count in (1, 2, 4):  # the real train step, the state replicated and the batch sharded as in training
+  for count in counts:  # the real train step, the state replicated and the batch sharded as in training
     mesh = parallel.create_mesh(jax.devices()[:count])
-    state = steps.create_train_state(jax.random.key(1), model, (32, 32, 3), tx)
+    state = steps.create_train_state(jax.random.key(1), model, (16, 16, 3), tx)
     step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lambda step: 0.1),
                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh), parallel.replicated(mesh)))
     for _ in range(2):

@@ -49,6 +49,15 @@ LOOP_HLO = textwrap.dedent("""\
     """)
 
 
+def test_all_reduce_hops_on_a_torus():
+  assert specs.torus_dims('v5p:4x4x4') == (4, 4, 4) and specs.torus_dims('v5e:2x4') == (2, 4)
+  assert specs.all_reduce_hops(64, (4, 4, 4)) == 18  # the whole slice: 2 x (3 + 3 + 3)
+  assert specs.all_reduce_hops(2, (4, 4, 4)) == 2  # a pair of chips
+  assert specs.all_reduce_hops(1, (4, 4, 4)) == 0
+  with pytest.raises(ValueError, match='chip grid'):
+    specs.torus_dims('v5p:big')
+
+
 def test_loop_trips_weight_matmul_flops_and_collectives():
   stats = hlo.analyze(LOOP_HLO)
   assert stats.loops == [{'name': 'loop', 'trip_count': 4}]
@@ -56,6 +65,11 @@ def test_loop_trips_weight_matmul_flops_and_collectives():
   assert (stats.matmul_flops_once, stats.matmul_flops) == (dot, 4 * dot)
   reduce = stats.collectives['all-reduce']
   assert (reduce['ops'], reduce['executions'], reduce['group_sizes']) == (2, 5, [4])
+  assert reduce['executions_by_group_size'] == {4: 5}
+  # In sequence on a 2x2 torus: 5 all-reduces of 2 x (1 + 1) hops each.
+  latency = check.collective_latency(stats.collectives, specs.torus_dims('v5e:2x2'))
+  assert (latency['all_reduces_per_step'], latency['hops_per_step']) == (5, 20)
+  assert latency['latency_s'] == 20 * specs.ICI_HOP_LATENCY_S
   assert reduce['bytes'] == 5 * 8 * 16 * 4
   assert stats.loop_extra_bytes > 0
 
@@ -120,6 +134,7 @@ def test_tiny_model_compiles_for_a_v5e_slice(tmp_path):
   # Data parallel over 4 chips: gradients and the statistics of every BatchNorm are all-reduced over all 4.
   assert train['collectives']['all-reduce']['group_sizes'] == [4]
   assert train['collectives']['all-reduce']['ops'] > 30
+  assert train['all_reduces']['all_reduces_per_step'] > 30 and train['roofline']['collective_latency_s'] > 0
   assert 'train step' in result.stdout and 'img/s per chip' in result.stdout
 
 
@@ -130,6 +145,8 @@ def test_batch_norm_groups_of_the_per_chip_batch_need_no_statistics_all_reduce(t
   # Each chip normalizes with its own statistics: what is left is the gradient all-reduce and the running averages
   # (the mean of the groups' statistics), which XLA combines; nothing on the path of the normalization.
   assert run['steps']['train']['collectives']['all-reduce']['ops'] <= 2
+  assert run['steps']['train']['all_reduces']['all_reduces_per_step'] <= 2
+  assert 'all-reduces in sequence' in result.stdout
 
 
 @needs_libtpu

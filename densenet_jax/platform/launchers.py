@@ -50,11 +50,11 @@ def detect(environ: Mapping[str, str] = os.environ, *,
     return _slurm(environ)
   if environ.get('TPU_WORKER_HOSTNAMES'):
     count = len(environ['TPU_WORKER_HOSTNAMES'].split(','))
-    return Launch('Cloud TPU on GKE', count, {}) if count > 1 else None
+    return Launch('Cloud TPU on GKE', count, dict(cluster_detection_method='gketpu')) if count > 1 else None
   if tpu_workers is None:
     tpu_workers = lambda: cloud_tpu_workers() if environment.tpu_present() else None  # noqa: E731
   if (count := tpu_workers() or 1) > 1:
-    return Launch('Cloud TPU VM slice', count, {})
+    return Launch('Cloud TPU VM slice', count, dict(cluster_detection_method='gcetpu'))
   if 'JOB_COMPLETION_INDEX' in environ and 'KUBERNETES_SERVICE_HOST' in environ:
     return _kubernetes()
   return None
@@ -110,7 +110,7 @@ def _kubernetes() -> Launch:
     raise LaunchError('A Kubernetes Indexed Job started this process; JAX finds the other pods through the Kubernetes '
                       'API, which needs the `kubernetes` package: pip install kubernetes (jax[k8s]), or set '
                       'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID in the pod spec.')
-  return Launch('Kubernetes Indexed Job', None, dict(cluster_detection_method='k8s'))
+  return Launch('Kubernetes Indexed Job', None, {})  # JAX's own detection: its Kubernetes support has no name
 
 
 def cloud_tpu_workers(timeout: float = 5.0) -> int | None:

@@ -127,7 +127,17 @@ def compile_steps(config: ml_collections.ConfigDict, devices, which=('train', 'e
   return compiled, facts
 
 
-def analyze(compiled, chip: specs.ChipSpec, layout: dict[str, int], batch_size: int) -> dict[str, Any]:
+def collective_latency(collectives: dict[str, dict], dims: tuple[int, ...]) -> dict[str, float]:
+  """The all-reduces of a step and a model of their latency: one after another (each BatchNorm's moments are
+  needed before its layer goes on), each taking specs.all_reduce_hops(...) interconnect hops."""
+  by_group = collectives.get('all-reduce', {}).get('executions_by_group_size', {})
+  hops = sum(count * specs.all_reduce_hops(group, dims) for group, count in by_group.items())
+  return {'all_reduces_per_step': float(sum(by_group.values())), 'hops_per_step': float(hops),
+          'latency_s': hops * specs.ICI_HOP_LATENCY_S}
+
+
+def analyze(compiled, chip: specs.ChipSpec, layout: dict[str, int], batch_size: int,
+            dims: tuple[int, ...] = ()) -> dict[str, Any]:
   """Memory, cost, roofline and collectives of one compiled step, per chip (the module is per device)."""
   ma = compiled.memory_analysis()
   memory = {k.removesuffix('_size_in_bytes'): int(getattr(ma, k))
@@ -147,6 +157,7 @@ def analyze(compiled, chip: specs.ChipSpec, layout: dict[str, int], batch_size: 
   moved = per_chip * (float(cost.get('bytes accessed', 0.0)) + stats.loop_extra_bytes)
   compute_s, memory_s = flops / chip.peak_bf16_flops, moved / chip.hbm_bandwidth
   images_per_chip = batch_size / layout['chips']
+  latency = collective_latency(stats.collectives, dims)
   return {
       'memory': memory,
       'flops_per_chip': flops, 'bytes_per_chip': moved,
@@ -155,8 +166,12 @@ def analyze(compiled, chip: specs.ChipSpec, layout: dict[str, int], batch_size: 
       'loops': stats.loops, 'unknown_trip_counts': stats.unknown_trip_counts,
       'roofline': {'compute_s': compute_s, 'hbm_s': memory_s,
                    'bound': 'compute' if compute_s >= memory_s else 'HBM bandwidth',
-                   'images_per_second_per_chip': images_per_chip / max(compute_s, memory_s, 1e-30)},
+                   'images_per_second_per_chip': images_per_chip / max(compute_s, memory_s, 1e-30),
+                   'collective_latency_s': latency['latency_s'],
+                   'images_per_second_per_chip_with_latency':
+                       images_per_chip / (max(compute_s, memory_s) + latency['latency_s'] or 1e-30)},
       'collectives': stats.collectives,
+      'all_reduces': latency,
   }
 
 
@@ -187,6 +202,13 @@ def format_report(run: dict[str, Any]) -> str:
     for op, c in sorted(step['collectives'].items()):
       lines.append(f"  {op}: {c['ops']} ops, {c['executions']:.0f} per step, {c['bytes'] / MIB:.2f} MiB per device, "
                    f"groups of {c['group_sizes']}")
+    if step['all_reduces']['all_reduces_per_step']:
+      a = step['all_reduces']
+      lines.append(
+          f"  all-reduces in sequence: {a['all_reduces_per_step']:.0f} per step, {a['hops_per_step']:.0f} interconnect "
+          f"hops; at {specs.ICI_HOP_LATENCY_S * 1e6:g} us per hop (a model: {specs.ICI_HOP_LATENCY_SOURCE}) about "
+          f"{a['latency_s'] * 1e3:.3g} ms of latency -> <= {r['images_per_second_per_chip_with_latency']:,.0f} img/s "
+          'per chip with it')
     if not step['collectives']:
       lines.append('  no cross-device collectives')
   return '\n'.join(lines)
@@ -199,7 +221,8 @@ def run_check(config: ml_collections.ConfigDict, topology: str, *, which=('train
   layout = describe_devices(devices)
   compiled, facts = compile_steps(config, devices, which)
   run = {'topology': topology, 'generation': chip.generation, 'layout': layout, **facts,
-         'steps': {name: analyze(c, chip, layout, config.batch_size) for name, c in compiled.items()},
+         'steps': {name: analyze(c, chip, layout, config.batch_size, specs.torus_dims(topology))
+                   for name, c in compiled.items()},
          'chip': dataclasses.asdict(chip)}
   return run
 

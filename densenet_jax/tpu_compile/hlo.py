@@ -257,11 +257,13 @@ def analyze(text: str) -> Stats:
         size = nbytes(' '.join(comp.instrs[n].type for n in ins.operands if n in comp.instrs))
         group = 1 if multislice else group_size(ins, num_partitions)
         entry_stats = collectives.setdefault(MULTISLICE_SEND if multislice else base,
-                                             {'ops': 0, 'executions': 0.0, 'bytes': 0.0, 'group_sizes': set()})
+                                             {'ops': 0, 'executions': 0.0, 'bytes': 0.0, 'group_sizes': set(),
+                                              'executions_by_group_size': defaultdict(float)})
         entry_stats['ops'] += 1
         entry_stats['executions'] += runs[name]
         entry_stats['bytes'] += runs[name] * size * (group if base == 'all-gather' else 1)
         entry_stats['group_sizes'].add(group)
+        entry_stats['executions_by_group_size'][group] += runs[name]
       if ins.op in ('dot', 'convolution'):
         f = matmul_flops(ins, comp)
         if f == f:
@@ -269,4 +271,5 @@ def analyze(text: str) -> Stats:
           flops_once += once[name] * f
   for s in collectives.values():
     s['group_sizes'] = sorted(s['group_sizes'])
+    s['executions_by_group_size'] = dict(sorted(s['executions_by_group_size'].items()))
   return Stats(num_partitions, loops, collectives, flops_once, flops, extra_bytes)

@@ -31,6 +31,12 @@ CHIPS = (
     ChipSpec('v5p', 'TPU v5', 459e12, 95 * 2**30, 2765e9, True, 'https://cloud.google.com/tpu/docs/v5p'),
     ChipSpec('v6e', 'TPU v6 lite', 918e12, 32e9, 1640e9, False, 'https://cloud.google.com/tpu/docs/v6e'),
 )
+# Latency of one hop of the inter-chip interconnect between neighbouring chips: 1 us, the link latency that the
+# ASTRA-sim project validated against TPU v3 measurements "as per TPU research team"
+# (https://astra-sim.github.io/astra-sim-docs/validation/hardware/tpu-validation.html). A model, not a measurement.
+ICI_HOP_LATENCY_S = 1e-6
+ICI_HOP_LATENCY_SOURCE = 'https://astra-sim.github.io/astra-sim-docs/validation/hardware/tpu-validation.html'
+
 # libtpu's names for the same generations.
 ALIASES = {'v5': 'v5p'}
 
@@ -46,3 +52,19 @@ def by_generation(generation: str) -> ChipSpec:
 
 def by_device_kind(kind: str) -> ChipSpec | None:
   return next((chip for chip in CHIPS if chip.device_kind == kind), None)
+
+
+def torus_dims(topology: str) -> tuple[int, ...]:
+  """The chip grid of a topology name: 'v5p:4x4x4' -> (4, 4, 4)."""
+  shape = topology.split(':', 1)[-1]
+  try:
+    return tuple(int(d) for d in shape.split('x'))
+  except ValueError:
+    raise ValueError(f'Cannot read the chip grid of topology {topology!r} (expected e.g. v5p:4x4x4).') from None
+
+
+def all_reduce_hops(group_size: int, dims: tuple[int, ...]) -> int:
+  """Neighbour-to-neighbour steps of one all-reduce over `group_size` chips of a torus of `dims`, as a
+  reduce-scatter then an all-gather along each dimension: 2 x sum(d - 1) for the whole slice, at most 2 x (g - 1)
+  for a group of g chips. Its latency dominates for the small all-reduces of BatchNorm statistics."""
+  return min(2 * (group_size - 1), 2 * sum(d - 1 for d in dims))
