@@ -123,11 +123,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   wrong ':ARGUMENT', a value of the wrong type, an override of a field the config lacks such as
   --config.batch_sise=3) prints one paragraph and exits with code 2, like every config error."""
   config_folder_on_path(argv)
+  argv, unset = without_none_overrides(argv)
   try:
     remaining = flags.FLAGS(argv)
     config = flags.FLAGS.config if 'config' in flags.FLAGS else None
     if config is not None:
       config.keys()  # ml_collections defers a missing file's error to the first use: report it here.
+      for path in unset:
+        *parents, field = path.split('.')
+        node = config
+        for parent in parents:
+          node = node[parent]
+        node[field] = None
     return remaining
   except flags.Error as error:  # A malformed flag value, or an error raised by the config file's get_config.
     inner, lines = _innermost(error), str(error).strip().splitlines()
@@ -146,6 +153,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     text = ' '.join(str(inner).split())  # one paragraph
     _config_error(f'could not load the config file: {type(inner).__name__}: {text}{where}. Check the '
                   '--config=FILE[:ARGUMENT] path and the file.')
+
+
+def without_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """argv without its `--config.FIELD=None` overrides, and those fields. ml_collections parses an override with
+  the field's type (int('None') fails), so parse_flags sets these fields to None itself, after the config loads."""
+  kept, unset = [], []
+  for arg in argv:
+    name, _, value = arg.partition('=')
+    if name.startswith('--config.') and value == 'None':
+      unset.append(name[len('--config.'):])
+    else:
+      kept.append(arg)
+  return kept, unset
 
 
 def _unknown_field(error: BaseException, argv: list[str]) -> str | None:

@@ -152,3 +152,17 @@ def test_convert_inspect_names_the_densenet_a_file_holds(tmp_path, capsys):
   convert.main(['inspect', f'--source={source}'])
   printed = capsys.readouterr().out.splitlines()
   assert printed == [f'{source}: torch weights, 77 arrays', f'  not a registry model: {model_lib.describe(model)}']
+
+
+def test_a_field_can_be_set_to_none_on_the_command_line(tmp_path):
+  # ml_collections parses an override with the field's type, which 'None' is not.
+  assert cli.without_none_overrides(['x', '--config.image_size=None', '--config.dtype=float32']) == (
+      ['x', '--config.dtype=float32'], ['image_size'])
+  command = [sys.executable, 'train.py', '--config=configs/imagenet_121.py', f'--workdir={tmp_path}',
+             '--config.batch_size=96', f'--config.data_dir={tmp_path}']  # 96 is no multiple of its groups of 64
+  refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2 and 'batch_norm_group_size=64' in refused.stderr, refused.stderr[-3000:]
+  unset = subprocess.run(command + ['--config.batch_norm_group_size=None'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+  # Whole-batch statistics pass that check; the run then stops at the next problem: no ImageNet in data_dir.
+  assert unset.returncode == 2 and 'batch_norm_group_size' not in unset.stderr, unset.stderr[-3000:]
