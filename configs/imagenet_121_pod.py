@@ -10,7 +10,7 @@ images, so no BatchNorm statistic crosses the network.
 bfloat16 compute, float32 parameters. Check that a step fits the chips before launching, e.g. on a v5p-128 slice
 (64 chips, 64 images per chip):
 
-    python -m densenet_jax.tpu_compile --config=configs/imagenet_121_pod.py --topology=v5p:4x4x4
+    python -m densenet_jax.compile_check --config=configs/imagenet_121_pod.py --topology=v5p:4x4x4
 
 This recipe has not been trained to completion here; its accuracy is not measured (docs/tpu.md).
 """

@@ -2,11 +2,11 @@
 
 A few settings only work before the libraries load: `platform.prepare_environment()` sets XLA_FLAGS and
 TensorFlow's log variables, read when TensorFlow is imported and when JAX starts its backend; the compile check's
-`tpu_compile.set_environment()` sets JAX_PLATFORMS, read when JAX is imported; and the handler that ends a SIGTERM
+`compile_check.set_environment()` sets JAX_PLATFORMS, read when JAX is imported; and the handler that ends a SIGTERM
 or Ctrl-C during start-up with one line (training/stopping.py) must be in place while JAX and TensorFlow load, the
 slowest part of a start. `run` takes these steps in order and only then imports the command's module, so the
 commands (densenet_jax/commands/) import at their top like any module. train.py, evaluate.py, predict.py, the
-`python -m densenet_jax.{export,tpu_compile,weights}` forms and the console scripts of pyproject.toml all call one
+`python -m densenet_jax.{export,compile_check,weights}` forms and the console scripts of pyproject.toml all call one
 of the functions at the bottom. This module imports nothing of the project at its top for the same reason.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 # Set-up steps, as 'module:function' so that their modules load only when their turn comes.
 STOP_CLEANLY = 'densenet_jax.training.stopping:install'  # standard library only: loads in milliseconds
 PREPARE_ENVIRONMENT = 'densenet_jax.platform:prepare_environment'
-TPU_COMPILE_ENVIRONMENT = 'densenet_jax.tpu_compile:set_environment'
+COMPILE_CHECK_ENVIRONMENT = 'densenet_jax.compile_check:set_environment'
 DEFAULT_SETUP = (STOP_CLEANLY, PREPARE_ENVIRONMENT)
 
 
@@ -60,8 +60,8 @@ def export() -> None:
   run('densenet_jax.commands.export:main')
 
 
-def tpu_compile() -> None:
-  run('densenet_jax.commands.tpu_compile:main', (TPU_COMPILE_ENVIRONMENT,))
+def compile_check() -> None:
+  run('densenet_jax.commands.compile_check:main', (COMPILE_CHECK_ENVIRONMENT,))
 
 
 def convert(argv: Sequence[str] | None = None) -> None:

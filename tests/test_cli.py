@@ -26,6 +26,10 @@ def test_prepare_environment_quiets_tensorflow_and_sets_the_xla_flags_unless_the
   assert mine['TF_CPP_MIN_LOG_LEVEL'] == '0'
   assert mine['TF_ENABLE_ONEDNN_OPTS'] == '1'
   assert mine['XLA_FLAGS'].startswith('--xla_disable_hlo_passes=foo')
+  for accelerator in ('cuda', 'tpu'):  # XLA:GPU and XLA:TPU refuse memory_efficient's programs with these flags
+    environ = {'JAX_PLATFORMS': accelerator}
+    platform.prepare_environment(environ)
+    assert 'XLA_FLAGS' not in environ
 
 
 def test_a_config_error_is_one_paragraph_without_tensorflow_log_lines(tmp_path):
@@ -46,10 +50,10 @@ def test_a_config_error_is_one_paragraph_without_tensorflow_log_lines(tmp_path):
 # Each command and how it names its own flags: (console script, launcher function, a flag of the command).
 COMMANDS = [('densenet-train', 'train', '--workdir'), ('densenet-evaluate', 'evaluate', '--ten_crop'),
             ('densenet-predict', 'predict', '--top_k'), ('densenet-export', 'export', '--with_preprocessing'),
-            ('densenet-tpu-compile', 'tpu_compile', '--topology'), ('densenet-convert', 'convert', 'inspect')]
+            ('densenet-compile-check', 'compile_check', '--topology'), ('densenet-convert', 'convert', 'inspect')]
 # The files that start a program (besides densenet_jax/commands/).
 ENTRY_FILES = ['train.py', 'evaluate.py', 'predict.py', 'densenet_jax/launch.py', 'densenet_jax/export/__main__.py',
-               'densenet_jax/tpu_compile/__main__.py', 'densenet_jax/weights/__main__.py', 'densenet_jax/summary.py']
+               'densenet_jax/compile_check/__main__.py', 'densenet_jax/weights/__main__.py', 'densenet_jax/summary.py']
 
 
 def _console_script(name: str, function: str) -> list[str]:

@@ -115,19 +115,25 @@ def test_the_environment_is_prepared_before_jax_is_imported():
   assert result.stdout.split() == ['False', '2'], result.stdout + result.stderr
 
 
-def test_an_installed_libtpu_is_not_started_on_a_machine_without_a_tpu(tmp_path):
+def test_installed_accelerator_compilers_are_not_started_on_a_machine_without_their_devices(tmp_path):
   from densenet_jax.platform import environment  # pylint: disable=import-outside-toplevel
-  hide = functools.partial(environment.hide_absent_tpu, dev=str(tmp_path))
+  hide = functools.partial(environment.hide_absent_accelerators, dev=str(tmp_path))
   environ = {}
-  assert hide(environ, libtpu_installed=True, other_plugins=False) and environ == {'JAX_PLATFORMS': 'cpu'}
-  assert not hide({}, libtpu_installed=False, other_plugins=False)  # nothing to hide
-  assert not hide({}, libtpu_installed=True, other_plugins=True)  # a GPU plugin: JAX chooses
-  assert not hide({'JAX_PLATFORMS': 'tpu'}, libtpu_installed=True, other_plugins=False)  # the user's choice
+  assert hide(environ, libtpu_installed=True, plugins=()) and environ == {'JAX_PLATFORMS': 'cpu'}
+  assert hide({}, libtpu_installed=False, plugins=('xla_cuda13',))  # the CUDA plugin, no GPU
+  assert hide({}, libtpu_installed=True, plugins=('xla_cuda13',))  # both, neither device
+  assert not hide({}, libtpu_installed=False, plugins=())  # nothing to hide
+  assert not hide({}, libtpu_installed=True, plugins=('xla_rocm',))  # a plugin of another kind: JAX chooses
+  assert not hide({'JAX_PLATFORMS': 'tpu'}, libtpu_installed=True, plugins=())  # the user's choice
   (tmp_path / 'vfio').mkdir()
   (tmp_path / 'vfio' / 'vfio').touch()
-  assert hide({}, libtpu_installed=True, other_plugins=False)  # /dev/vfio/vfio alone is no TPU
+  (tmp_path / 'nvidiactl').touch()
+  assert hide({}, libtpu_installed=True, plugins=('xla_cuda13',))  # /dev/vfio/vfio, /dev/nvidiactl: no device
+  (tmp_path / 'nvidia0').touch()
+  assert not hide({}, libtpu_installed=False, plugins=('xla_cuda13',))  # a GPU machine
+  assert environment.gpu_present(str(tmp_path))
   (tmp_path / 'vfio' / '0').touch()
-  assert not hide({}, libtpu_installed=True, other_plugins=False)  # a v5p or later TPU VM
+  assert not hide({}, libtpu_installed=True, plugins=())  # a v5p or later TPU VM
   assert environment.tpu_present(str(tmp_path))
 
 

@@ -1,4 +1,4 @@
-"""The command-line programs: train, evaluate, predict, export, tpu_compile, convert (weights).
+"""The command-line programs: train, evaluate, predict, export, compile_check, convert (weights).
 
 Each module is one program's main. They are started through densenet_jax.launch, which prepares the process before
 a module here is imported; train.py, evaluate.py, predict.py, the `python -m` forms and the console scripts are

@@ -18,15 +18,18 @@ def prepare_environment(environ: MutableMapping[str, str] = os.environ) -> None:
   TensorFlow's oneDNN operations are off unless the user set TF_ENABLE_ONEDNN_OPTS: TensorFlow only feeds the
   host here (decoding, cropping, flipping), which they do not speed up, and on the CPUs where TensorFlow turns
   them on by default (AVX-512 with VNNI, among them) it announces them on stderr in a line that
-  TF_CPP_MIN_LOG_LEVEL does not hide. Off, the input pipeline computes the same values on every CPU. The XLA
-  flags of xla_flags.py are added to XLA_FLAGS. Where libtpu is installed on a machine without a TPU, JAX computes
-  on the CPU without starting it (`hide_absent_tpu`). Where JAX computes on the CPU, freed host memory is kept for
-  the next step (host_memory.py). Importing this package imports no JAX: JAX sets TF_CPP_MIN_LOG_LEVEL itself.
+  TF_CPP_MIN_LOG_LEVEL does not hide. Off, the input pipeline computes the same values on every CPU. Where libtpu
+  or JAX's CUDA plugin is installed (for the compile check) on a machine without that accelerator, JAX computes on
+  the CPU without starting them (`hide_absent_accelerators`). Where JAX computes on the CPU, the XLA:CPU flags of
+  xla_flags.py are added to XLA_FLAGS (only there: XLA:GPU and XLA:TPU refuse memory_efficient's programs compiled
+  with them) and freed host memory is kept for the next step (host_memory.py). Importing this package imports no
+  JAX: JAX sets TF_CPP_MIN_LOG_LEVEL itself.
   """
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  hide_absent_tpu(environ)
-  xla_flags.set_defaults(environ)
+  hide_absent_accelerators(environ)
+  if host_memory.computes_on_cpu(environ):
+    xla_flags.set_defaults(environ)
   host_memory.keep_freed_memory(environ)
 
 
@@ -42,18 +45,29 @@ def _listdir(path: str) -> list[str]:
     return []
 
 
-def hide_absent_tpu(environ: MutableMapping[str, str], *, libtpu_installed: bool | None = None,
-                    other_plugins: bool | None = None, dev: str = '/dev') -> bool:
-  """Sets JAX_PLATFORMS=cpu where libtpu is installed (for the compile check, docs/tpu.md) but this machine has no
-  TPU and JAX no other accelerator plugin; whether it did. JAX would otherwise start libtpu, which prints lines of
-  its own before ours and finds no chip. A user's JAX_PLATFORMS wins."""
+def gpu_present(dev: str = '/dev') -> bool:
+  """Whether this machine has an NVIDIA GPU: the driver's device files /dev/nvidia0, /dev/nvidia1, ..."""
+  return any(name.removeprefix('nvidia').isdigit() for name in _listdir(dev) if name.startswith('nvidia'))
+
+
+CUDA_PLUGINS = ('xla_cuda12', 'xla_cuda13')  # JAX's CUDA plugins' names among the 'jax_plugins' entry points
+
+
+def hide_absent_accelerators(environ: MutableMapping[str, str], *, libtpu_installed: bool | None = None,
+                             plugins: tuple[str, ...] | None = None, dev: str = '/dev') -> bool:
+  """Sets JAX_PLATFORMS=cpu where libtpu or a CUDA plugin is installed (for the compile check: docs/tpu.md,
+  docs/gpu.md) but none of their accelerators is in this machine, and no other plugin is installed; whether it
+  did. JAX would otherwise start them: libtpu prints lines of its own before ours, the CUDA plugin a traceback,
+  and both find no device. A user's JAX_PLATFORMS wins."""
   if environ.get('JAX_PLATFORMS', '').strip():
     return False
   if libtpu_installed is None:
     libtpu_installed = importlib.util.find_spec('libtpu') is not None
-  if other_plugins is None:
-    other_plugins = bool(importlib.metadata.entry_points(group='jax_plugins'))
-  if not libtpu_installed or other_plugins or tpu_present(dev):
+  if plugins is None:
+    plugins = tuple(entry.name for entry in importlib.metadata.entry_points(group='jax_plugins'))
+  if not (libtpu_installed or plugins) or any(p not in CUDA_PLUGINS for p in plugins):
+    return False  # nothing to hide, or a plugin this function does not know: JAX chooses
+  if (libtpu_installed and tpu_present(dev)) or (plugins and gpu_present(dev)):
     return False
   environ['JAX_PLATFORMS'] = 'cpu'
   return True

@@ -2,14 +2,16 @@
 
 XLA reads the XLA_FLAGS environment variable once, when JAX starts its first backend (at the first
 computation, not at `import jax`). The entry points (train.py, benchmarks/, the notebooks, the tests)
-call `set_defaults()` before that. A flag the user already set in XLA_FLAGS wins over a default of the
-same name (e.g. their own --xla_disable_hlo_passes=... list, which then needs cse_barrier_expander for
-the remat below).
+call `set_defaults()` before that, through `platform.prepare_environment`, where JAX computes on the
+CPU. A flag the user already set in XLA_FLAGS wins over a default of the same name (e.g. their own
+--xla_disable_hlo_passes=... list, which then needs cse_barrier_expander for the remat below).
 
 * `KEEP_REMAT_ON_CPU`: `memory_efficient=True` relies on rematerialization (`jax.checkpoint`) and its
   optimization barriers, which keep XLA from merging the backward pass's recomputation into the forward
-  pass. XLA:GPU and XLA:TPU keep them; XLA:CPU removes them in its `cse_barrier_expander` pass, so on
-  CPU the option saves nothing unless that pass is off. Without remat there are no barriers: harmless.
+  pass. XLA:CPU removes them in its `cse_barrier_expander` pass, so on CPU the option saves nothing unless
+  that pass is off. Without remat there are no barriers: harmless. XLA:GPU and XLA:TPU need that pass to
+  lower the barriers they have honoured ("Unsupported instruction opcode: opt-barrier"), which is why
+  `platform.prepare_environment` sets these flags only where JAX computes on the CPU.
 * `CPU_CONVOLUTIONS_ON_EIGEN`: XLA:CPU hands convolutions, matmuls and reductions to YNNPACK by default.
   For DenseNet's 3x3 convolutions (forward and both gradients) YNNPACK is 2-3x slower than XLA's Eigen
   kernels, so this keeps matmuls and reductions on YNNPACK and gives convolutions back to Eigen: train

@@ -50,7 +50,7 @@ def create_learning_rate_fn(
 
 
 def from_config(config, steps_per_epoch: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
-  """The learning-rate schedule and optimizer a training config describes (loop.py and tpu_compile build alike)."""
+  """The learning-rate schedule and optimizer a training config describes (loop.py and compile_check build alike)."""
   learning_rate_fn = create_learning_rate_fn(
       scaled_learning_rate(config.learning_rate, config.batch_size, config.get('lr_reference_batch_size')),
       config.lr_boundaries_epochs,

@@ -1,4 +1,5 @@
-"""The deviceless TPU compile check: its HLO reading, spec table and fit test; a real compile when libtpu is here."""
+"""The deviceless compile check: its HLO reading, spec tables, fit test and batch search; real compiles for a TPU
+slice and for GPUs where their compilers are installed (CI installs both)."""
 
 import json
 import os
@@ -8,11 +9,18 @@ import textwrap
 
 import pytest
 
-from densenet_jax.tpu_compile import check, hlo, specs
+from densenet_jax.compile_check import check, hlo, search, specs, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_libtpu = pytest.mark.skipif(not check.libtpu_available(),
-                                  reason='libtpu is not installed (pip install -r requirements-tpu.txt)')
+
+
+def needs_compiler(platform):
+  """Skips where the platform's compiler is not installed; CI installs both and must not skip."""
+  return pytest.mark.skipif(not targets.compiler_installed(platform) and not os.environ.get('CI'),
+                            reason=targets.INSTALL[platform])
+
+
+needs_libtpu, needs_cuda_plugin = needs_compiler('tpu'), needs_compiler('gpu')
 
 # The shape of XLA:TPU's output: a while whose trip count is only in its condition (i < 5 from i = 1, so 4
 # trips), a convolution and an all-reduce inside the body, one all-reduce outside.
@@ -74,17 +82,32 @@ def test_loop_trips_weight_matmul_flops_and_collectives():
   assert stats.loop_extra_bytes > 0
 
 
-def test_spec_table():
-  assert specs.by_generation('v5') is specs.by_generation('v5p')
-  assert specs.by_device_kind('TPU v5 lite').generation == 'v5e'
-  assert all(chip.source.startswith('https://cloud.google.com/tpu/docs/') for chip in specs.CHIPS)
+def test_spec_tables():
+  assert specs.tpu('v5') is specs.tpu('v5p')
+  assert all(chip.source.startswith('https://cloud.google.com/tpu/docs/') for chip in specs.TPUS)
   with pytest.raises(ValueError, match='v5p'):
-    specs.by_generation('v9')
+    specs.tpu('v9')
+  for gpu in specs.GPUS:  # every GPU has a target config that describes it, with its memory
+    config = gpu.target_config()
+    assert f'device_description_str: "{gpu.device_kind}"' in config
+    assert f'device_memory_size: {int(gpu.hbm_bytes)}' in config
+  assert specs.gpu('H100').device_kind == 'NVIDIA H100 80GB HBM3'
+  with pytest.raises(ValueError, match='rtx4090'):
+    specs.gpu('v100')
 
 
-def test_a_step_over_the_chips_hbm_is_refused_with_the_fixes():
-  chip = specs.by_generation('v5e')
-  run = {'chip': {'generation': 'v5e', 'hbm_bytes': chip.hbm_bytes}, 'batch_size': 256, 'layout': {'chips': 4},
+def test_gpu_names():
+  assert targets.parse_gpus('a100-80gb')[1:] == (1, 1)
+  assert targets.parse_gpus('h100:8')[1:] == (1, 8) and targets.parse_gpus('h100:2x8')[1:] == (2, 8)
+  for bad in ('h100:eight', 'h100:0', 'h100:2x'):
+    with pytest.raises(ValueError, match='h100'):
+      targets.parse_gpus(bad)
+
+
+def test_a_step_over_the_devices_memory_is_refused_with_the_fixes():
+  chip = specs.tpu('v5e')
+  run = {'chip': {'name': 'v5e', 'hbm_bytes': chip.hbm_bytes}, 'unit': 'chip', 'batch_size': 256,
+         'layout': {'chips': 4},
          'steps': {'train': {'memory': {'peak_per_chip': 2 * chip.hbm_bytes, 'fraction_of_hbm': 2.0}}}}
   with pytest.raises(check.DoesNotFitError, match='batch 64 per chip.*gradient_accumulation_steps'):
     check.check_fits(run)
@@ -108,15 +131,21 @@ def get_config():
 """
 
 
-def run_tool(tmp_path, topology, dataset, batch_size, *flags):
+def tool_environment():
+  """The tests' environment without what conftest.py set for computing on this CPU: the tool sets its own
+  JAX_PLATFORMS, and the XLA:CPU flags would make XLA:GPU and XLA:TPU refuse memory_efficient's programs."""
+  return {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
+
+
+def run_tool(tmp_path, target, dataset, batch_size, *flags):
   config = tmp_path / 'tiny.py'
   eval_split = 'validation' if dataset == 'imagenet2012' else 'test'
   config.write_text(TINY_CONFIG.format(dataset=dataset, eval_split=eval_split, batch_size=batch_size))
   report = tmp_path / 'report.json'
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}  # the tool sets its own
   result = subprocess.run(
-      [sys.executable, '-m', 'densenet_jax.tpu_compile', f'--config={config}', f'--topology={topology}',
-       f'--json={report}', *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+      [sys.executable, '-m', 'densenet_jax.compile_check', f'--config={config}',
+       f'--gpu={target[4:]}' if target.startswith('gpu:') else f'--topology={target}',
+       f'--json={report}', *flags], cwd=ROOT, env=tool_environment(), capture_output=True, text=True, timeout=600)
   return result, (json.loads(report.read_text()) if report.exists() else None)
 
 
@@ -158,3 +187,62 @@ def test_step_over_hbm_on_a_two_host_slice_exits_1(tmp_path):
   assert run is None
   assert 'Does not fit: The train step does not fit' in result.stderr
   assert '8 chips on 2 hosts, batch 4096 per chip' in result.stderr and 'memory_efficient' in result.stderr
+
+
+def test_the_batch_search_doubles_then_bisects():
+  for largest in (3, 8, 100, 513, 4000, 10**6):
+    tried = []
+
+    def fits(n, largest=largest):
+      tried.append(n)
+      return {'batch': n} if n <= largest else None
+
+    batch, result = search.largest_batch(fits, start=64, step=8, limit=65536)
+    assert batch == min(largest // 8 * 8, 65536) and (result is None) == (batch == 0), (largest, tried)
+    assert len(tried) <= 2 * 14  # doubling and halving from 64, bisection to a multiple of 8
+
+
+@needs_cuda_plugin
+def test_tiny_model_compiles_for_two_gpus(tmp_path):
+  result, run = run_tool(tmp_path, 'gpu:h100:2', 'cifar10', 8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert run['layout'] == {'devices': 2, 'chips': 2, 'hosts': 1, 'slices': 1} and run['unit'] == 'GPU'
+  assert run['form']['kernels'] == 'xla'  # the GPU's form, not this CPU's
+  train, evaluate = run['steps']['train'], run['steps']['eval']
+  assert 0 < train['memory']['peak_per_chip'] < 0.001 * run['chip']['hbm_bytes'] and train['memory']['alias'] > 0
+  # XLA:GPU has no cost analysis: FLOPs from the program before optimization, bytes from its kernels.
+  assert train['flops_per_chip'] > evaluate['flops_per_chip'] > 0
+  assert train['bytes_per_chip'] > evaluate['bytes_per_chip'] > 0
+  # Convolutions run as cuDNN calls, forward and both gradients; the rest in fusions.
+  kernels = train['kernels']
+  assert kernels['cuDNN convForward'] >= 7 and kernels['cuDNN convBackwardFilter'] >= 7
+  assert kernels['fusion'] > 20 and 'cuDNN convBackwardFilter' not in evaluate['kernels']
+  assert train['collectives']['all-reduce']['group_sizes'] == [2]
+  assert 'img/s per GPU' in result.stdout and 'cuDNN convForward' in result.stdout
+
+
+@needs_cuda_plugin
+def test_a_batch_over_the_gpus_memory_exits_1_with_the_fixes(tmp_path):
+  # 224x224 images through a stride-1 stem, 8192 per GPU: about 50 GB of temporaries for a 24 GB RTX 4090.
+  result, run = run_tool(tmp_path, 'gpu:rtx4090', 'imagenet2012', 8192, '--steps=train')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert run['steps']['train']['memory']['fraction_of_hbm'] > 1
+  assert 'Does not fit: The train step needs' in result.stderr and 'RTX 4090' not in result.stderr
+  assert 'of a rtx4090 GPU, at batch 8192 per GPU' in result.stderr and '--max_batch' in result.stderr
+
+
+@needs_cuda_plugin
+def test_the_largest_batch_search_compiles_each_form(tmp_path):
+  config = tmp_path / 'tiny.py'
+  # About 6 MB per 224x224 image through a stride-1 stem: between 2048 and 4096 fit a 22.5 GiB L4. A coarse
+  # resolution keeps it to a few compiles.
+  config.write_text(TINY_CONFIG.format(dataset='imagenet2012', eval_split='validation', batch_size=2048))
+  result = subprocess.run(
+      [sys.executable, '-m', 'densenet_jax.compile_check', f'--config={config}', '--gpu=l4', '--max_batch',
+       '--forms=memory_efficient', '--batch_resolution=512', f'--json={tmp_path / "search.json"}'], cwd=ROOT,
+      env=tool_environment(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads((tmp_path / 'search.json').read_text())['memory_efficient']
+  assert found['batch_per_device'] % 512 == 0 and found['batch_per_device'] >= 2048
+  assert found['run']['steps']['train']['memory']['fraction_of_hbm'] <= 1
+  assert 'memory_efficient:' in result.stdout

@@ -10,6 +10,11 @@
   the difference between weighted and once-counted FLOPs corrects cost_analysis().
 * Cross-device collectives (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all; sync or
   `-start`, never `-done` too) with their operand bytes and group sizes, and the cross-slice sends of multislice.
+* Memory traffic where the backend's cost_analysis() gives none (XLA:GPU): the operand and result bytes of every
+  kernel (each instruction outside fused computations), weighted by loop trips. A model: it counts each kernel's
+  full operands once and ignores caches.
+* Kernels per step by kind: the custom calls by target (cuDNN convolutions, cuBLAS GEMMs), GEMM fusions (Triton),
+  other fusions, and unfused convolutions and dots.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute
                'ragged-all-to-all', 'collective-broadcast')
 MULTISLICE_SEND = 'dcn-send (multislice)'
 
-_HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$')
-_INSTR = re.compile(r'^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$')
+# Names carry a '%' in compiled modules' text, none in the text of a module before optimization.
+_HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\)\s*->\s*.*)?\{\s*$')
+_INSTR = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$')
 _SHAPE = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
-_CALLEES = re.compile(r'\b(calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%[\w.\-]+)')
+_CALLEES = re.compile(r'\b(calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)')
 _NAME = re.compile(r'%([\w.\-]+)')
+_BARE_NAME = re.compile(r'[A-Za-z_][\w.\-]*')
+
+
+def _names(text: str) -> list[str]:
+  return _NAME.findall(text) if '%' in text else _BARE_NAME.findall(text)
 
 
 def shapes(text: str) -> list[tuple[int, ...]]:
@@ -54,8 +65,8 @@ class Instr:
     for i, ch in enumerate(self.rest):
       depth += (ch == '(') - (ch == ')')
       if depth == 0:
-        return _NAME.findall(self.rest[:i])
-    return _NAME.findall(self.rest)
+        return _names(self.rest[:i])
+    return _names(self.rest)
 
   def attr(self, key: str) -> str | None:
     m = re.search(r'\b' + key + r'=(\{[^}]*\}|[^,\s]+)', self.rest)
@@ -197,6 +208,8 @@ class Stats:
   matmul_flops_once: float      # every computation counted once, as cost_analysis() does
   matmul_flops: float           # weighted by the trip counts of the loops around it
   loop_extra_bytes: float       # estimate: operand + result bytes of loop bodies' instructions, runs beyond one
+  kernel_bytes: float           # operand + result bytes of every kernel, weighted by loop trips
+  kernels: dict[str, float]     # kind -> executions per step
 
   @property
   def unknown_trip_counts(self) -> int:
@@ -224,7 +237,7 @@ def analyze(text: str) -> Stats:
         times = float(trips or 1) if kind in ('body', 'condition') else 1.0
         if kind == 'body':
           bodies.add(value.lstrip('%'))
-        for callee in _NAME.findall(value) if value.startswith('{') else [value.lstrip('%')]:
+        for callee in _names(value):
           calls[comp.name].append((callee, times))
 
   order, seen = [], set()  # callees before callers (HLO call graphs are acyclic)
@@ -244,12 +257,20 @@ def analyze(text: str) -> Stats:
       runs[callee] += runs[name] * times
       once[callee] = max(once[callee], once[name])
 
+  fused = _fused_computations(comps)
   collectives: dict[str, dict] = {}
-  flops = flops_once = extra_bytes = 0.0
+  kernels: dict[str, float] = defaultdict(float)
+  flops = flops_once = extra_bytes = kernel_bytes = 0.0
   for name in order:
     comp = comps.get(name)
     if comp and runs[name] > once[name] and name in bodies:
       extra_bytes += (runs[name] - once[name]) * sum(_moved_bytes(i, comp) for i in comp.instrs.values())
+    if comp and name not in fused:
+      for ins in comp.instrs.values():
+        kernel_bytes += runs[name] * _moved_bytes(ins, comp)
+        kind = kernel_kind(ins)
+        if kind:
+          kernels[kind] += runs[name]
     for ins in comp.instrs.values() if comp else ():
       base = ins.op.removesuffix('-start')
       multislice = ins.op == 'send' and 'megascale' in ins.rest
@@ -272,4 +293,42 @@ def analyze(text: str) -> Stats:
   for s in collectives.values():
     s['group_sizes'] = sorted(s['group_sizes'])
     s['executions_by_group_size'] = dict(sorted(s['executions_by_group_size'].items()))
-  return Stats(num_partitions, loops, collectives, flops_once, flops, extra_bytes)
+  return Stats(num_partitions, loops, collectives, flops_once, flops, extra_bytes, kernel_bytes,
+               dict(sorted(kernels.items(), key=lambda item: -item[1])))
+
+
+def _fused_computations(comps: dict[str, Computation]) -> set[str]:
+  """Computations that run inside a kernel: those a fusion calls, and everything they call in turn."""
+  fused, stack = set(), []
+  for comp in comps.values():
+    for ins in comp.instrs.values():
+      if ins.op == 'fusion':
+        stack += [n for kind, value in _CALLEES.findall(ins.rest) if kind == 'calls' for n in _names(value)]
+      elif ins.op == 'custom-call':
+        stack += _names(ins.attr('called_computations') or '')
+  while stack:
+    name = stack.pop()
+    if name not in fused and name in comps:
+      fused.add(name)
+      for ins in comps[name].instrs.values():
+        stack += [n for _, value in _CALLEES.findall(ins.rest) for n in _names(value)]
+        stack += _names(ins.attr('called_computations') or '')
+  return fused
+
+
+def kernel_kind(ins: Instr) -> str | None:
+  """What kind of kernel a top-level instruction launches (None: no kernel of interest)."""
+  if ins.op == 'custom-call':
+    target = (re.search(r'custom_call_target="([^"]+)"', ins.rest) or [None, 'custom-call'])[1]
+    if target.startswith('__cudnn$'):
+      return 'cuDNN ' + target.removeprefix('__cudnn$')
+    if target.startswith('__cublas'):
+      return 'cuBLAS GEMM'
+    return f'custom-call {target}'
+  if ins.op == 'fusion':
+    if re.search(r'"kind":"__triton[\w]*gemm', ins.rest) or '__cublas' in ins.rest:
+      return 'GEMM fusion'
+    return 'fusion'
+  if ins.op in ('convolution', 'dot'):
+    return ins.op
+  return None
