@@ -15,17 +15,21 @@ import jax.numpy as jnp
 import optax
 
 def train_step_temp_bytes(
-    model: nn.Module, batch_size: int, input_shape: Sequence[int], num_classes: int | None = None
+    model: nn.Module, batch_size: int, input_shape: Sequence[int], num_classes: int | None = None, *,
+    device: jax.Device | None = None,
 ) -> int:
   """Temporary memory in bytes of one compiled forward + backward pass (loss and gradients).
 
   This is the activation memory of training: parameters, gradients and optimizer state are
-  arguments/outputs and are not counted. Nothing is executed; the step is only compiled.
+  arguments/outputs and are not counted. Nothing is executed; the step is only compiled, for `device`
+  (default: JAX's default device; a compile-only device of densenet_jax.compile_check.targets works too).
   """
   num_classes = num_classes or model.num_classes
-  images = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
-  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+  images = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32, sharding=sharding)
+  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)
+  variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding),
+                           jax.eval_shape(model.init, jax.random.key(0), images))
 
   def loss_and_grads(variables, images, labels):
     def loss_fn(params):

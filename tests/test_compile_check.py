@@ -246,3 +246,28 @@ def test_the_largest_batch_search_compiles_each_form(tmp_path):
   assert found['batch_per_device'] % 512 == 0 and found['batch_per_device'] >= 2048
   assert found['run']['steps']['train']['memory']['fraction_of_hbm'] <= 1
   assert 'memory_efficient:' in result.stdout
+
+
+MEMORY_EFFICIENT_ON_A_GPU = """
+from densenet_jax import compile_check
+compile_check.set_environment()
+import jax.numpy as jnp
+from densenet_jax import memory
+from densenet_jax.compile_check import targets
+from densenet_jax.model import imagenet_densenet
+device = targets.gpus('h100').devices[0]
+for memory_efficient in (False, True):
+  model = imagenet_densenet((2, 4), 16, num_classes=10, memory_efficient=memory_efficient, dtype=jnp.bfloat16)
+  print(memory.train_step_temp_bytes(model, 32, (224, 224, 3), device=device))
+"""
+
+
+@needs_cuda_plugin
+def test_memory_efficient_recomputes_layers_and_stem_on_a_gpu():
+  result = subprocess.run([sys.executable, '-c', MEMORY_EFFICIENT_ON_A_GPU], cwd=ROOT, env=tool_environment(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  unrolled, memory_efficient = (int(line) for line in result.stdout.split())
+  # Keeping each layer's bottleneck output and the stem's activations, as Pleiss et al. do, left this small
+  # DenseNet 0.93x of the unrolled temporaries on an H100; recomputing them 0.74x.
+  assert memory_efficient < 0.8 * unrolled, (unrolled, memory_efficient)

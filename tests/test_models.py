@@ -274,10 +274,11 @@ def _loss_and_grads(model, variables, x, labels, rng=None):
   return jax.jit(jax.value_and_grad(loss_fn))(variables['params'])
 
 
-@pytest.mark.parametrize('bottleneck, dropout_rate', [(True, 0.0), (False, 0.2)])
-def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_rate):
+@pytest.mark.parametrize('bottleneck, dropout_rate, stem', [(True, 0.0, 'cifar'), (False, 0.2, 'cifar'),
+                                                            (True, 0.0, 'imagenet')])
+def test_memory_efficient_gives_the_same_loss_and_gradients(bottleneck, dropout_rate, stem):
   depth = 11 if bottleneck else 7
-  plain = tiny_model(depth=depth, bottleneck=bottleneck, dropout_rate=dropout_rate)
+  plain = tiny_model(depth=depth, bottleneck=bottleneck, dropout_rate=dropout_rate, stem=stem)
   efficient = plain.clone(memory_efficient=True)  # unrolled: layers_per_scan=0
   x, labels = images(), jnp.arange(4) % 5
   variables = init(plain, x)

@@ -9,9 +9,12 @@ Read this file to learn the architecture; it is the paper, written with Flax's o
 * `DenseNet`: a stem (CIFAR: one 3x3 conv; ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max pool), dense blocks separated
   by transitions, and BN-ReLU-global average pooling-fully connected.
 
-Images are NHWC. `memory_efficient=True` is Pleiss et al. (2017): each dense layer keeps only its bottleneck output
-for the backward pass and recomputes concat-BN-ReLU, so activation memory grows linearly with depth, not
-quadratically. layers.BatchNorm is Flax's with the original code's running variance and optional groups.
+Images are NHWC. `memory_efficient=True` goes one step further than Pleiss et al. (2017), who keep each layer's
+bottleneck output: a dense layer keeps nothing of its own for the backward pass and recomputes everything from the
+earlier feature maps, which its block keeps anyway, and the stem recomputes BN-ReLU-max pool from its convolution's
+output. Activation memory then grows linearly with depth, not quadratically; the price is the bottleneck
+convolutions computed twice. layers.BatchNorm is Flax's with the original code's running variance and optional
+groups.
 
 This is the form GPUs and TPUs compute with. The faster forms of forms/ (kernels written for XLA:CPU, scanned
 blocks, fused dropout masks) compute the same function with the same variables, tested equal to this file
@@ -36,8 +39,9 @@ from densenet_jax.model.layers import BOTTLENECK_WIDTH, BatchNorm, conv_kernel_i
 Array = jax.Array
 Dtype = Any
 
-# What memory_efficient keeps of each dense layer for the backward pass; everything else is recomputed.
-BOTTLENECK_OUTPUT, DROPOUT_MASK = 'bottleneck_output', 'dropout_mask'
+# What memory_efficient keeps of each dense layer for the backward pass (the masks cannot be drawn again more cheaply
+# than read); everything else is recomputed.
+DROPOUT_MASK = 'dropout_mask'
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -51,6 +55,10 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
 def max_pool(x: Array) -> Array:
   """3x3 max pooling, stride 2, padded by 1 (with -inf), as in the original code."""
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _stem_norm_pool(model: DenseNet, x: Array, train: bool, pool) -> Array:
+  return pool(model.norm_relu(x, train, 'stem_norm'))
 
 
 class _Module(nn.Module):
@@ -85,7 +93,7 @@ class DenseLayer(_Module):
     x = jnp.concatenate(features, axis=-1)
     if self.bottleneck:
       x = self.conv(BOTTLENECK_WIDTH * self.growth_rate, 1, 'conv1')(self.norm_relu(x, train, 'norm1'))
-      x = checkpoint_name(dropout(x, self.dropout_rate, first_key), BOTTLENECK_OUTPUT)
+      x = dropout(x, self.dropout_rate, first_key)
       return dropout(self.conv(self.growth_rate, 3, 'conv2')(self.norm_relu(x, train, 'norm2')), self.dropout_rate,
                      second_key)
     return dropout(self.conv(self.growth_rate, 3, 'conv1')(self.norm_relu(x, train, 'norm1')), self.dropout_rate,
@@ -105,7 +113,7 @@ class DenseBlock(_Module):
   def __call__(self, x: Array, train: bool) -> Array:
     layer = DenseLayer
     if self.memory_efficient:  # train is static: argument 2, counting self
-      policy = jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT, DROPOUT_MASK)
+      policy = jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK)
       layer = nn.remat(DenseLayer, policy=policy, static_argnums=(2,))
     keys = [None] * self.num_layers
     if train and self.dropout_rate:
@@ -151,7 +159,7 @@ class DenseNet(_Module):
       whole (global) batch.
     input_channels: channels the input images must have (checked, with a clear message).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
-    memory_efficient: recompute concat-BN-ReLU of each dense layer in the backward pass (Pleiss et al., 2017).
+    memory_efficient: recompute each dense layer, and the stem's BN-ReLU-max pool, in the backward pass.
     kernels, layers_per_scan, dropout_masks: a faster form of the same function (forms/): 'xla' or 'cpu' kernels,
       0 or n layers per `jax.lax.scan` (needs memory_efficient), 'jax' or 'elementwise' dropout masks (the same
       bits). The defaults are this file's own form. The model reads nothing of the machine:
@@ -226,7 +234,10 @@ class DenseNet(_Module):
 
     if self.stem == 'imagenet':
       x = self.conv(self.stem_channels, 7, 'stem_conv', stride=2)(x)
-      x = stem_pool(self.norm_relu(x, train, 'stem_norm'))
+      norm_pool = _stem_norm_pool
+      if self.memory_efficient and forms.is_default(self):  # the largest activations: keep the conv's output only
+        norm_pool = nn.remat(_stem_norm_pool, static_argnums=(2, 3))
+      x = norm_pool(self, x, train, stem_pool)
     else:
       x = self.conv(self.stem_channels, 3, 'stem_conv')(x)
     stages['stem'] = x
