@@ -18,9 +18,10 @@ after `set_environment`.
 import os
 
 # Set before JAX is imported: the CPU is the only real backend (the TPU and GPU devices are compile-only; a CUDA
-# plugin would otherwise look for a GPU), no GCE metadata queries, and no contention for /tmp/libtpu_lockfile with
-# other JAX processes of this machine.
-ENVIRONMENT = {'JAX_PLATFORMS': 'cpu', 'TPU_SKIP_MDS_QUERY': '1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
+# plugin would otherwise look for a GPU), no GCE metadata queries, no contention for /tmp/libtpu_lockfile with
+# other JAX processes of this machine, and TensorFlow (the dataset's facts) without its C++ log lines.
+ENVIRONMENT = {'JAX_PLATFORMS': 'cpu', 'TPU_SKIP_MDS_QUERY': '1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
+               'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
 
 
 def set_environment(environ=os.environ) -> None:
