@@ -9,6 +9,8 @@
    each block form and kernel set, against PyTorch (AMP bfloat16, channels_last) and torch.compile, same process,
    alternating rounds (bench.py).
 3. DenseNet-BC L=100 k=12, batch 64, float32: the same.
+4. What the deviceless compile check (docs/gpu.md) predicts for this GPU, compiled on this machine's CPU after
+   parts 1-3: temporaries, peak and compile time of DenseNet-121's train steps, to set against the measured ones.
 Every result is appended to the JSON file as soon as it exists, so a run cut short keeps what it measured.
 --smoke runs part 1 and one tiny part-2 row on any backend (the test suite runs it on the CPU).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -33,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import bench, common  # noqa: E402
 from densenet_jax import model as model_lib  # noqa: E402
+from densenet_jax.compile_check import specs  # noqa: E402
 
 FORMS = {
     'unrolled': dict(memory_efficient=False, layers_per_scan=0),
@@ -68,6 +72,43 @@ def equality(kernel_sets=('xla', 'cpu')) -> dict:
   return result
 
 
+# Speed rows as configs of the compile check: same model, batch and dtype; whole-batch BatchNorm, as bench.py.
+DEVICELESS = {'densenet121': ('configs/imagenet_121.py', 256)}
+
+
+def start_deviceless(model: str, form: str, out: str) -> tuple[subprocess.Popen, str] | str:
+  """Starts the compile check for this GPU's target in a process of its own (it compiles on the CPU, without the
+  GPU); returns the process and its report's path, or why it cannot run here."""
+  kind = jax.devices()[0].device_kind
+  spec = next((gpu for gpu in specs.GPUS if gpu.device_kind == kind), None)
+  if spec is None:
+    return f'no target config describes a {kind!r} (densenet_jax/compile_check/specs.py)'
+  config, batch = DEVICELESS[model]
+  report = os.path.join(out, f'deviceless_{model}_{form}.json')
+  command = [sys.executable, '-m', 'densenet_jax.compile_check', f'--config={config}', f'--gpu={spec.name}',
+             '--steps=train', f'--config.batch_size={batch}', '--config.batch_norm_group_size=None',
+             f"--config.memory_efficient={FORMS[form]['memory_efficient']}",
+             f"--config.layers_per_scan={FORMS[form]['layers_per_scan']}", f'--json={report}']
+  environ = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.Popen(command, cwd=root, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True), report
+
+
+def finish_deviceless(started: tuple[subprocess.Popen, str] | str) -> dict:
+  if isinstance(started, str):
+    return {'error': started}
+  process, report = started
+  _, stderr = process.communicate()
+  if not os.path.exists(report):
+    return {'error': stderr[-2000:]}
+  with open(report) as f:
+    run = json.load(f)
+  step = run['steps']['train']
+  return {'target': run['target'], 'temp_bytes': step['memory']['temp'], 'peak_bytes': step['memory']['peak_per_chip'],
+          'compile_seconds': run['seconds']['train']['compile_s'], 'kernels': step['kernels']}
+
+
 def speed(model: str, batch: int, dtype: str, form: str, kernels: str, reference: str | None, rounds: int,
           steps: int) -> dict:
   argv = ['--model', model, '--batch', str(batch), '--dtype', dtype, '--kernels', kernels, '--rounds', str(rounds),
@@ -97,12 +138,13 @@ def main(argv=None) -> None:
     print(name, json.dumps(value), flush=True)
 
   start = time.perf_counter()
+  plan = [('densenet121', 256, 'bfloat16'), ('densenet_bc_l100_k12', 64, 'float32')]
   record('equality', {'max_relative_deviation': equality()})
   if args.smoke:
     record('speed densenet_bc_l100_k12 unrolled/xla', speed('densenet_bc_l100_k12', 2, 'float32', 'unrolled', 'xla',
                                                             None, rounds=1, steps=1))
+    record('deviceless densenet121 unrolled', finish_deviceless(start_deviceless('densenet121', 'unrolled', args.out)))
     return
-  plan = [('densenet121', 256, 'bfloat16'), ('densenet_bc_l100_k12', 64, 'float32')]
   for model, batch, dtype in plan:
     for form in FORMS:
       for kernels in ('xla', 'cpu'):
@@ -113,6 +155,9 @@ def main(argv=None) -> None:
           value = {'error': f'{type(error).__name__}: {error}'}
         record(f'speed {model} {form}/{kernels}', value)
     record(f'speed {model} torch.compile', speed(model, batch, dtype, 'unrolled', 'xla', 'torch_compile', 3, 5))
+  started = {form: start_deviceless('densenet121', form, args.out) for form in ('unrolled', 'memory_efficient')}
+  for form, process in started.items():
+    record(f'deviceless densenet121 {form}', finish_deviceless(process))
   record('done', {'seconds': round(time.perf_counter() - start, 1)})
 
 

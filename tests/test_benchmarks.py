@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,18 @@ def test_the_gpu_script_checks_every_kernel_set_and_form_for_equality():
     assert max(parts.values()) < 1e-3, (form, parts)
   assert bench.parse_args(['--model', 'densenet121', '--batch', '256', '--dtype', 'bfloat16', '--kernels', 'xla',
                            '--reference', 'torch', '--torch_compile'])
+
+
+def test_the_gpu_script_predicts_only_for_a_gpu_it_has_a_target_for(tmp_path, monkeypatch):
+  import gpu_check  # noqa: PLC0415
+
+  assert 'no target config describes' in gpu_check.finish_deviceless(
+      gpu_check.start_deviceless('densenet121', 'unrolled', str(tmp_path)))['error']  # this CPU
+  started = []
+  monkeypatch.setattr(gpu_check.subprocess, 'Popen', lambda command, **kwargs: started.append(command))
+  monkeypatch.setattr(gpu_check.jax, 'devices', lambda: [types.SimpleNamespace(device_kind='NVIDIA L4')])
+  gpu_check.start_deviceless('densenet121', 'memory_efficient', str(tmp_path))
+  assert '--gpu=l4' in started[0] and '--config.memory_efficient=True' in started[0]
 
 
 def _stat(user, system, idle, steal=0):
