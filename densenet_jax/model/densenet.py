@@ -9,16 +9,14 @@ Read this file to learn the architecture; it is the paper, written with Flax's o
 * `DenseNet`: a stem (CIFAR: one 3x3 conv; ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max pool), dense blocks separated
   by transitions, and BN-ReLU-global average pooling-fully connected.
 
-Images are NHWC. `memory_efficient=True` goes one step further than Pleiss et al. (2017), who keep each layer's
-bottleneck output: a dense layer keeps nothing of its own for the backward pass and recomputes everything from the
-earlier feature maps, which its block keeps anyway, and the stem recomputes BN-ReLU-max pool from its convolution's
-output. Activation memory then grows linearly with depth, not quadratically; the price is the bottleneck
-convolutions computed twice. layers.BatchNorm is Flax's with the original code's running variance and optional
-groups.
+Images are NHWC. With `memory_efficient=True` a dense layer keeps nothing for the backward pass and recomputes itself
+from the earlier feature maps, which its block keeps anyway (Pleiss et al., 2017, keep its bottleneck output too); the
+stem keeps only its conv's output. Activation memory grows linearly with depth, not quadratically, for the bottleneck
+convs computed twice. layers.BatchNorm is Flax's with the original code's running variance and optional groups.
 
-This is the form GPUs and TPUs compute with. The faster forms of forms/ (kernels written for XLA:CPU, scanned
-blocks, fused dropout masks) compute the same function with the same variables, tested equal to this file
-(tests/test_forms.py); `DenseNet` hands its layers to one when its form attributes ask for it.
+GPUs and TPUs compute with this form. The faster forms of forms/ (XLA:CPU kernels, scanned blocks, fused dropout
+masks) compute the same function with the same variables (tests/test_forms.py); `DenseNet` hands its layers to one
+when its form attributes ask for it.
 """
 
 from __future__ import annotations
@@ -39,9 +37,7 @@ from densenet_jax.model.layers import BOTTLENECK_WIDTH, BatchNorm, conv_kernel_i
 Array = jax.Array
 Dtype = Any
 
-# What memory_efficient keeps of each dense layer for the backward pass (the masks cannot be drawn again more cheaply
-# than read); everything else is recomputed.
-DROPOUT_MASK = 'dropout_mask'
+DROPOUT_MASK = 'dropout_mask'  # all that memory_efficient keeps of a dense layer for the backward pass
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -55,10 +51,6 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
 def max_pool(x: Array) -> Array:
   """3x3 max pooling, stride 2, padded by 1 (with -inf), as in the original code."""
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
-def _stem_norm_pool(model: DenseNet, x: Array, train: bool, pool) -> Array:
-  return pool(model.norm_relu(x, train, 'stem_norm'))
 
 
 class _Module(nn.Module):
@@ -155,15 +147,13 @@ class DenseNet(_Module):
     bottleneck: BN-ReLU-Conv1x1(4k) before each 3x3 conv (the "B" of DenseNet-BC).
     compression: theta; a transition maps m channels to floor(theta * m) (the "C").
     dropout_rate: dropout after every conv except the stem's, in train mode only.
-    batch_norm_group_size: examples per BatchNorm statistics group in training (layers.BatchNorm); None: the
-      whole (global) batch.
+    batch_norm_group_size: examples per BatchNorm statistics group in training; None: the whole (global) batch.
     input_channels: channels the input images must have (checked, with a clear message).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
     memory_efficient: recompute each dense layer, and the stem's BN-ReLU-max pool, in the backward pass.
     kernels, layers_per_scan, dropout_masks: a faster form of the same function (forms/): 'xla' or 'cpu' kernels,
       0 or n layers per `jax.lax.scan` (needs memory_efficient), 'jax' or 'elementwise' dropout masks (the same
-      bits). The defaults are this file's own form. The model reads nothing of the machine:
-      densenet_jax.platform.choose picks the form measured fastest on a backend.
+      bits); the defaults are this file's form. densenet_jax.platform.choose picks one per backend.
   """
 
   block_sizes: Sequence[int] = (6, 12, 24, 16)
@@ -193,10 +183,8 @@ class DenseNet(_Module):
   @property
   def stage_names(self) -> tuple[str, ...]:
     """The feature maps `features=True` returns, in network order: stem, block1, transition1, ..., blockB."""
-    names = ['stem']
-    for b in range(1, len(self.block_sizes) + 1):
-      names += [f'block{b}'] + ([f'transition{b}'] if b < len(self.block_sizes) else [])
-    return tuple(names)
+    n = len(self.block_sizes)
+    return ('stem', *(name for b in range(1, n) for name in (f'block{b}', f'transition{b}')), f'block{n}')
 
   def _check_input(self, x: Array) -> None:
     expected = f'(batch, height, width, {self.input_channels})'
@@ -234,10 +222,13 @@ class DenseNet(_Module):
 
     if self.stem == 'imagenet':
       x = self.conv(self.stem_channels, 7, 'stem_conv', stride=2)(x)
-      norm_pool = _stem_norm_pool
+
+      def norm_pool(model: DenseNet, x: Array) -> Array:
+        return stem_pool(model.norm_relu(x, train, 'stem_norm'))
+
       if self.memory_efficient and forms.is_default(self):  # the largest activations: keep the conv's output only
-        norm_pool = nn.remat(_stem_norm_pool, static_argnums=(2, 3))
-      x = norm_pool(self, x, train, stem_pool)
+        norm_pool = nn.remat(norm_pool)
+      x = norm_pool(self, x)
     else:
       x = self.conv(self.stem_channels, 3, 'stem_conv')(x)
     stages['stem'] = x
