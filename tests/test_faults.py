@@ -27,7 +27,7 @@ from densenet_jax import model as model_lib
 from densenet_jax.io import loading
 from densenet_jax.io import workdir as workdir_lib
 from densenet_jax.data import pipeline
-from densenet_jax.training import optim
+from densenet_jax.training import optim, stopping
 from densenet_jax.training import reporting
 from densenet_jax import evaluation
 from densenet_jax.training import loop as training
@@ -663,6 +663,31 @@ def test_a_signal_during_start_up_exits_cleanly_with_one_line(tmp_path, signum, 
   assert 'stopped before the first step; nothing to save' in output, output[-3000:]
   assert 'Traceback' not in output
   assert not _complete_steps(tmp_path) and not (tmp_path / '.lock').exists()
+
+
+SWALLOWED_SIGNAL = """
+import os, signal, time
+from densenet_jax.training import stopping
+stopping.install()
+
+def discover_pjrt_plugins():  # as JAX's: every exception of a plugin's initialize() is logged and dropped
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+  except:  # noqa: E722
+    pass
+
+discover_pjrt_plugins()
+print('went on')
+"""
+
+
+def test_a_signal_where_jax_would_swallow_the_exit_still_ends_the_process():
+  # A CUDA plugin spends seconds in JAX's plugin loading, whose bare except would drop the SystemExit.
+  result = subprocess.run([sys.executable, '-c', SWALLOWED_SIGNAL], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 0 and stopping.MESSAGE in result.stderr, result.stderr
+  assert 'went on' not in result.stdout
 
 
 def _architecture(**fields):

@@ -15,10 +15,17 @@ import sys
 MESSAGE = 'stopped before the first step; nothing to save'
 
 
-def _importing(frame) -> bool:
-  """Whether the interrupted code runs inside an import."""
+# Functions of other packages that catch every exception of the code they call, SystemExit included: JAX's loading
+# of its PJRT plugins (a CUDA plugin spends seconds there loading NVIDIA's libraries) logs it and goes on.
+SWALLOWS_SYSTEM_EXIT = frozenset({'discover_pjrt_plugins'})
+
+
+def _cannot_unwind(frame) -> bool:
+  """Whether a SystemExit raised in the interrupted code would not end the process cleanly: inside an import
+  (it would become an ImportError with a traceback) or inside a function that swallows it."""
   while frame is not None:
-    if frame.f_code.co_filename.startswith('<frozen importlib'):
+    code = frame.f_code
+    if code.co_filename.startswith('<frozen importlib') or code.co_name in SWALLOWS_SYSTEM_EXIT:
       return True
     frame = frame.f_back
   return False
@@ -26,9 +33,8 @@ def _importing(frame) -> bool:
 
 def _stop_before_first_step(signum, frame):
   print(f'Received {signal.Signals(signum).name}: {MESSAGE}.', file=sys.stderr, flush=True)
-  if _importing(frame):
-    # Raised inside a module's initialization (a C extension's, e.g. tensorstore's), SystemExit would become an
-    # ImportError with a traceback. Nothing is held while modules load: leave at once.
+  if _cannot_unwind(frame):
+    # Nothing of ours is held there (a workdir lock left behind is taken over by the next run): leave at once.
     sys.stdout.flush()
     os._exit(0)
   raise SystemExit(0)
