@@ -263,14 +263,15 @@ def analyze(text: str) -> Stats:
   flops = flops_once = extra_bytes = kernel_bytes = 0.0
   for name in order:
     comp = comps.get(name)
-    if comp and runs[name] > once[name] and name in bodies:
-      extra_bytes += (runs[name] - once[name]) * sum(_moved_bytes(i, comp) for i in comp.instrs.values())
-    if comp and name not in fused:
-      for ins in comp.instrs.values():
-        kernel_bytes += runs[name] * _moved_bytes(ins, comp)
-        kind = kernel_kind(ins)
-        if kind:
-          kernels[kind] += runs[name]
+    if comp and (name in bodies or name not in fused):
+      moved = sum(_moved_bytes(i, comp) for i in comp.instrs.values())
+      if runs[name] > once[name] and name in bodies:
+        extra_bytes += (runs[name] - once[name]) * moved
+      if name not in fused:
+        kernel_bytes += runs[name] * moved
+        for ins in comp.instrs.values():
+          if kind := kernel_kind(ins):
+            kernels[kind] += runs[name]
     for ins in comp.instrs.values() if comp else ():
       base = ins.op.removesuffix('-start')
       multislice = ins.op == 'send' and 'megascale' in ins.rest

@@ -18,7 +18,7 @@ class CompilerMissingError(RuntimeError):
   """The compiler of the target's platform is not installed."""
 
 
-INSTALL = {'tpu': 'the TPU compiler (libtpu) is not installed: pip install -r requirements-tpu.txt',
+INSTALL = {'tpu': 'The TPU compiler (libtpu) is not installed: pip install -r requirements-tpu.txt',
            'gpu': "JAX's CUDA plugin is not installed: pip install -r requirements-gpu.txt"}
 
 
@@ -50,7 +50,7 @@ class Target:
 
 def _require(platform: str) -> None:
   if not compiler_installed(platform):
-    raise CompilerMissingError(INSTALL[platform][0].upper() + INSTALL[platform][1:] + ' (no accelerator is needed).')
+    raise CompilerMissingError(f'{INSTALL[platform]} (no accelerator is needed).')
 
 
 def tpu(topology: str, *, num_slices: int = 1, chips_per_host_bounds: tuple[int, ...] | None = None) -> Target:
