@@ -271,3 +271,35 @@ def test_memory_efficient_recomputes_layers_and_stem_on_a_gpu():
   # Keeping each layer's bottleneck output and the stem's activations, as Pleiss et al. do, left this small
   # DenseNet 0.93x of the unrolled temporaries on an H100; recomputing them 0.74x.
   assert memory_efficient < 0.8 * unrolled, (unrolled, memory_efficient)
+
+
+CODE_GENERATION_ON_A_GPU = """
+from densenet_jax import compile_check
+compile_check.set_environment()
+import jax, jax.numpy as jnp, optax
+from densenet_jax.compile_check import check, hlo, targets
+from densenet_jax.model import cifar_densenet
+sharding = jax.sharding.SingleDeviceSharding(targets.gpus('h100').devices[0])
+model = cifar_densenet(16, 4, bottleneck=True, compression=0.5, num_classes=10, dtype=jnp.bfloat16)
+images = jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.float32, sharding=sharding)
+variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding),
+                         jax.eval_shape(model.init, jax.random.key(0), images))
+def loss(params, variables, images):
+  logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(64, jnp.int32)).mean()
+lowered = jax.jit(jax.grad(loss)).lower(variables['params'], variables, images)
+for options in (None, check.GPU_CODEGEN_UNOPTIMIZED):
+  compiled = lowered.compile(options)
+  memory, stats = compiled.memory_analysis(), hlo.analyze(compiled.as_text())
+  print(memory.temp_size_in_bytes, memory.argument_size_in_bytes, memory.output_size_in_bytes,
+        stats.kernel_bytes, sorted(stats.kernels.items()))
+"""
+
+
+@needs_cuda_plugin
+def test_unoptimized_gpu_code_generation_changes_no_reported_figure():
+  result = subprocess.run([sys.executable, '-c', CODE_GENERATION_ON_A_GPU], cwd=ROOT, env=tool_environment(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  optimized, unoptimized = result.stdout.splitlines()
+  assert optimized == unoptimized and 'cuDNN convForward' in optimized
