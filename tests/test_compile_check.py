@@ -57,6 +57,13 @@ LOOP_HLO = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.parametrize('groups, size', [('{{0,1,2,3}}', 4), ('[16,4]<=[64]', 4), ("mesh['data'=64] {'data'}", 64),
+                                           ("mesh['data'=64] {'data':(4)16}", 16), ("mesh['x'=4,'y'=8] {'y'}", 8)])
+def test_replica_group_sizes(groups, size):
+  instruction = hlo.Instr('ar', 'f32[8]', 'all-reduce', f'%x), replica_groups={groups}, to_apply=%add')
+  assert hlo.group_size(instruction, 64) == size
+
+
 def test_all_reduce_hops_on_a_torus():
   assert specs.torus_dims('v5p:4x4x4') == (4, 4, 4) and specs.torus_dims('v5e:2x4') == (2, 4)
   assert specs.all_reduce_hops(64, (4, 4, 4)) == 18  # the whole slice: 2 x (3 + 3 + 3)

@@ -139,15 +139,16 @@ def trip_count(loop: Instr, parent: Computation, comps: dict[str, Computation]) 
 
 
 def group_size(ins: Instr, num_partitions: int) -> int:
-  """Devices per replica group: `{{0,1,2,3}}`, iota `[groups,size]<=[n]`, or `mesh['data'=4] {'data'}`."""
+  """Devices per replica group: `{{0,1,2,3}}`, iota `[groups,size]<=[n]`, `mesh['data'=4] {'data'}`, or a part
+  of a mesh axis, `mesh['data'=64] {'data':(4)16}` (its minor 16 devices: 4 groups of 16 consecutive devices)."""
   if m := re.search(r'replica_groups=\{\{([\d,]*)\}', ins.rest):
     return len([x for x in m.group(1).split(',') if x])
   if m := re.search(r'replica_groups=\[(\d+),(\d+)\]<=', ins.rest):
     return int(m.group(2))
   if m := re.search(r'replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}', ins.rest):
     sizes = {k: int(v) for k, v in re.findall(r"'?(\w+)'?=(\d+)", m.group(1))}
-    axes = [a.strip().strip("'") for a in m.group(2).split(',') if a.strip()]
-    return math.prod(sizes.get(a, 1) for a in axes) if axes else num_partitions
+    axes = re.findall(r"'?(\w+)'?(?::\((\d+)\)(\d+))?", m.group(2))
+    return math.prod(int(part) if part else sizes.get(a, 1) for a, _, part in axes) if axes else num_partitions
   return 2 if ins.op.startswith('collective-permute') else num_partitions
 
 
