@@ -67,6 +67,7 @@ def test_replica_group_sizes(groups, size):
 def test_all_reduce_hops_on_a_torus():
   assert specs.torus_dims('v5p:4x4x4') == (4, 4, 4) and specs.torus_dims('v5e:2x4') == (2, 4)
   assert specs.all_reduce_hops(64, (4, 4, 4)) == 18  # the whole slice: 2 x (3 + 3 + 3)
+  assert specs.all_reduce_hops(16, (4, 4, 4)) == 12  # a 4x4x1 plane
   assert specs.all_reduce_hops(2, (4, 4, 4)) == 2  # a pair of chips
   assert specs.all_reduce_hops(1, (4, 4, 4)) == 0
   with pytest.raises(ValueError, match='chip grid'):

@@ -95,6 +95,12 @@ def torus_dims(topology: str) -> tuple[int, ...]:
 
 def all_reduce_hops(group_size: int, dims: tuple[int, ...]) -> int:
   """Neighbour-to-neighbour steps of one all-reduce over `group_size` chips of a torus of `dims`, as a
-  reduce-scatter then an all-gather along each dimension: 2 x sum(d - 1) for the whole slice, at most 2 x (g - 1)
-  for a group of g chips. Its latency dominates for the small all-reduces of BatchNorm statistics."""
-  return min(2 * (group_size - 1), 2 * sum(d - 1 for d in dims))
+  reduce-scatter then an all-gather along each dimension of the box the group covers: 2 x sum(extent - 1). A group
+  of consecutive devices fills the dimensions in order, as the devices' ids do (16 chips of a 4x4x4 slice: a 4x4x1
+  plane). Its latency dominates for the small all-reduces of BatchNorm statistics."""
+  hops, left = 0, group_size
+  for d in dims:
+    extent = min(d, left)
+    hops += 2 * (extent - 1)
+    left = -(-left // extent)
+  return hops
