@@ -9,7 +9,8 @@ differences of the paper's recipes:
 * With a `group_size`, the batch is split into consecutive groups of that many examples, each normalized with its
   own statistics, as per-device BatchNorm does (Goyal et al. 2017 use groups of 32 for large batches): moments are
   then of shape (groups, channels), and the running averages move towards their mean over the groups. Under jit
-  with the batch sharded over devices, a group that one device holds is reduced on that device alone.
+  with the batch sharded over devices, a group that one device holds is reduced on that device alone. The input
+  is never reshaped into groups: it is reduced per example, and only those (batch, channels) means per group.
 
 The pure functions are shared with the faster forms (forms/), which compute a feature map's batch moments once
 for every layer that reads it (in training mode a channel's batch statistics do not depend on the reading layer)
@@ -48,31 +49,46 @@ class Moments(NamedTuple):
   var: Array
 
 
-def _grouped(x: Array, group_size: int | None) -> Array | None:
-  """x as (groups, group_size, ...), or None when the whole batch is one group."""
+def _group_count(x: Array, group_size: int | None) -> int | None:
+  """How many groups of `group_size` examples x's batch splits into, or None when the whole batch is one group."""
   if group_size is None or group_size == x.shape[0]:
     return None
   if group_size < 1 or x.shape[0] % group_size:
     raise ValueError(f'A batch of {x.shape[0]} examples cannot be split into BatchNorm groups of {group_size}.')
-  return x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:])
+  return x.shape[0] // group_size
+
+
+def _per_example(rows: Array, x: Array) -> Array:
+  """(groups, channels) statistics as one row per example of x, broadcast over x's other axes."""
+  groups, channels = rows.shape
+  batch = x.shape[0]
+  rows = jnp.broadcast_to(rows[:, None, :], (groups, batch // groups, channels)).reshape(batch, channels)
+  return rows.reshape((batch,) + (1,) * (x.ndim - 2) + (channels,))
+
+
+def _group_mean(per_example: Array, groups: int) -> Array:
+  """(batch, channels) per-example means as (groups, channels) means over consecutive groups of examples."""
+  return per_example.reshape(groups, -1, per_example.shape[-1]).mean(axis=1)
 
 
 def moments(x: Array, group_size: int | None = None) -> Moments:
   """Batch statistics over every axis but the last, in float32; per group of `group_size` examples if given.
 
   The variance is E[(x - E[x])^2] (two passes over x), not the one-pass E[x^2] - E[x]^2: that one cancels
-  catastrophically when |mean| >> std, and its gradient loses a factor (mean / std)^2 of precision.
+  catastrophically when |mean| >> std, and its gradient loses a factor (mean / std)^2 of precision. Groups are
+  reduced per example first and then per group: reshaping x into groups made XLA:TPU lay every BatchNorm input
+  out anew (docs/tpu.md).
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  groups = _grouped(x, group_size)
+  groups = _group_count(x, group_size)
   if groups is None:
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axes)
     return Moments(mean, jnp.mean(jnp.square(x - mean), axes))
-  axes = tuple(range(1, groups.ndim - 1))
-  mean = jnp.mean(groups, axes, keepdims=True)
-  var = jnp.mean(jnp.square(groups - mean), axes)
-  return Moments(mean.reshape(var.shape), var)
+  axes = tuple(range(1, x.ndim - 1))
+  mean = _group_mean(jnp.mean(x, axes), groups)
+  var = _group_mean(jnp.mean(jnp.square(x - _per_example(mean, x)), axes), groups)
+  return Moments(mean, var)
 
 
 def moments_gradient(x: Array, stats: Moments, d_stats: Moments, group_size: int | None = None) -> Array:
@@ -82,15 +98,12 @@ def moments_gradient(x: Array, stats: Moments, d_stats: Moments, group_size: int
   drops out of the variance's gradient because the deviations sum to zero. Autodiff of `moments` would first
   recompute the mean, one more pass over x.
   """
-  values = _grouped(x, group_size)
-  if values is None:
-    values, rows = x, (x.shape[-1],)
-  else:  # (groups, channels) statistics against (groups, group_size, ..., channels) values
-    rows = (values.shape[0],) + (1,) * (values.ndim - 2) + (x.shape[-1],)
-  mean, d_mean, d_var = (a.astype(jnp.float32).reshape(rows) for a in (stats.mean, d_stats.mean, d_stats.var))
-  deviation = values.astype(jnp.promote_types(x.dtype, jnp.float32)) - mean
+  mean, d_mean, d_var = (a.astype(jnp.float32) for a in (stats.mean, d_stats.mean, d_stats.var))
+  if _group_count(x, group_size) is not None:
+    mean, d_mean, d_var = (_per_example(a, x) for a in (mean, d_mean, d_var))
+  deviation = x.astype(jnp.promote_types(x.dtype, jnp.float32)) - mean
   d_x = (d_mean + 2 * d_var * deviation) / examples_per_channel(x, group_size)
-  return d_x.reshape(x.shape).astype(x.dtype)
+  return d_x.astype(x.dtype)
 
 
 def examples_per_channel(x: Array, group_size: int | None = None) -> int:
@@ -119,11 +132,9 @@ def _scale_and_shift(x: Array, stats: Moments, scale: Array, bias: Array, epsilo
   """
   a = jax.lax.rsqrt(stats.var + epsilon) * scale.astype(jnp.float32)
   b = bias.astype(jnp.float32) - stats.mean * a
-  if a.ndim == 1:
-    return x.astype(jnp.float32) * a + b
-  groups = x.reshape(a.shape[0], -1, *x.shape[1:]).astype(jnp.float32)
-  per_group = (a.shape[0],) + (1,) * (x.ndim - 1) + (a.shape[-1],)
-  return (groups * a.reshape(per_group) + b.reshape(per_group)).reshape(x.shape)
+  if a.ndim == 2:
+    a, b = _per_example(a, x), _per_example(b, x)
+  return x.astype(jnp.float32) * a + b
 
 
 def normalize(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
