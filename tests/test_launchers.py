@@ -169,6 +169,9 @@ def test_a_killed_process_ends_the_others_in_bounded_time_and_a_rerun_resumes(tm
   killed_at = time.time()
   output = processes[0].communicate(timeout=120)[0]
   assert processes[0].returncode != 0 and time.time() - killed_at < 90
-  assert 'Process 0 of this 2-process run stopped' in output, output[-3000:]
+  # The survivor learns of the death twice at once: a collective fails in Python (our paragraph is printed), and
+  # JAX's coordination client aborts the process from its own thread. On a busy machine the abort can come first.
+  reached_python = 'Process 0 of this 2-process run stopped' in output
+  assert reached_python or processes[0].returncode == -signal.SIGABRT, output[-3000:]
   output = finish(start('explicit', workdir, *flags))
   assert 'Resumed from' in output and 'step=22' in output, output[-3000:]
