@@ -682,10 +682,27 @@ print('went on')
 """
 
 
-def test_a_signal_where_jax_would_swallow_the_exit_still_ends_the_process():
-  # A CUDA plugin spends seconds in JAX's plugin loading, whose bare except would drop the SystemExit.
-  result = subprocess.run([sys.executable, '-c', SWALLOWED_SIGNAL], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+SIGNAL_IN_A_GC_CALLBACK = """
+import gc, os, signal, time
+from densenet_jax.training import stopping
+stopping.install()
+
+def _xla_gc_callback(*args):  # as JAX's: Python reports an exception of a gc callback as ignored and goes on
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(5)
+
+gc.callbacks.append(_xla_gc_callback)
+gc.collect()
+gc.callbacks.remove(_xla_gc_callback)
+print('went on')
+"""
+
+
+@pytest.mark.parametrize('script', [SWALLOWED_SIGNAL, SIGNAL_IN_A_GC_CALLBACK], ids=['plugin loading', 'gc callback'])
+def test_a_signal_where_jax_would_swallow_the_exit_still_ends_the_process(script):
+  # A CUDA plugin spends seconds in JAX's plugin loading, whose bare except would drop the SystemExit; so does
+  # Python for an exception of a garbage-collection callback (JAX has one).
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and stopping.MESSAGE in result.stderr, result.stderr
   assert 'went on' not in result.stdout
 

@@ -16,8 +16,9 @@ MESSAGE = 'stopped before the first step; nothing to save'
 
 
 # Functions of other packages that catch every exception of the code they call, SystemExit included: JAX's loading
-# of its PJRT plugins (a CUDA plugin spends seconds there loading NVIDIA's libraries) logs it and goes on.
-SWALLOWS_SYSTEM_EXIT = frozenset({'discover_pjrt_plugins'})
+# of its PJRT plugins (a CUDA plugin spends seconds there loading NVIDIA's libraries) logs it and goes on, and JAX's
+# garbage-collection callback runs where Python reports an exception as ignored.
+SWALLOWS_SYSTEM_EXIT = frozenset({'discover_pjrt_plugins', '_xla_gc_callback'})
 
 
 def _cannot_unwind(frame) -> bool:
