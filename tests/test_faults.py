@@ -694,6 +694,7 @@ def _xla_gc_callback(*args):  # as JAX's: Python reports an exception of a gc ca
 gc.callbacks.append(_xla_gc_callback)
 gc.collect()
 gc.callbacks.remove(_xla_gc_callback)
+time.sleep(2)  # the work after the collection, where the signal is delivered again
 print('went on')
 """
 

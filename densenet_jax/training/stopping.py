@@ -11,14 +11,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 MESSAGE = 'stopped before the first step; nothing to save'
 
 
 # Functions of other packages that catch every exception of the code they call, SystemExit included: JAX's loading
-# of its PJRT plugins (a CUDA plugin spends seconds there loading NVIDIA's libraries) logs it and goes on, and JAX's
-# garbage-collection callback runs where Python reports an exception as ignored.
-SWALLOWS_SYSTEM_EXIT = frozenset({'discover_pjrt_plugins', '_xla_gc_callback'})
+# of its PJRT plugins (a CUDA plugin spends seconds there loading NVIDIA's libraries) logs it and goes on.
+SWALLOWS_SYSTEM_EXIT = frozenset({'discover_pjrt_plugins'})
+# JAX's garbage-collection callback: Python reports an exception raised there as ignored and goes on; it is brief.
+GC_CALLBACKS = frozenset({'_xla_gc_callback'})
+
+
+def _inside(frame, names) -> bool:
+  while frame is not None:
+    if frame.f_code.co_name in names:
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _cannot_unwind(frame) -> bool:
@@ -33,6 +43,10 @@ def _cannot_unwind(frame) -> bool:
 
 
 def _stop_before_first_step(signum, frame):
+  if _inside(frame, GC_CALLBACKS):
+    # Deliver the signal again once the callback is over, where the SystemExit unwinds (and releases the lock).
+    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+    return
   print(f'Received {signal.Signals(signum).name}: {MESSAGE}.', file=sys.stderr, flush=True)
   if _cannot_unwind(frame):
     # Nothing of ours is held there (a workdir lock left behind is taken over by the next run): leave at once.
