@@ -23,9 +23,10 @@ SWALLOWS_SYSTEM_EXIT = frozenset({'discover_pjrt_plugins'})
 GC_CALLBACKS = frozenset({'_xla_gc_callback'})
 
 
-def _inside(frame, names) -> bool:
+def _inside(frame, matches) -> bool:
+  """Whether the interrupted code runs inside a function whose code object `matches` (at any depth)."""
   while frame is not None:
-    if frame.f_code.co_name in names:
+    if matches(frame.f_code):
       return True
     frame = frame.f_back
   return False
@@ -34,16 +35,12 @@ def _inside(frame, names) -> bool:
 def _cannot_unwind(frame) -> bool:
   """Whether a SystemExit raised in the interrupted code would not end the process cleanly: inside an import
   (it would become an ImportError with a traceback) or inside a function that swallows it."""
-  while frame is not None:
-    code = frame.f_code
-    if code.co_filename.startswith('<frozen importlib') or code.co_name in SWALLOWS_SYSTEM_EXIT:
-      return True
-    frame = frame.f_back
-  return False
+  return _inside(frame, lambda code: (code.co_filename.startswith('<frozen importlib')
+                                      or code.co_name in SWALLOWS_SYSTEM_EXIT))
 
 
 def _stop_before_first_step(signum, frame):
-  if _inside(frame, GC_CALLBACKS):
+  if _inside(frame, lambda code: code.co_name in GC_CALLBACKS):
     # Deliver the signal again once the callback is over, where the SystemExit unwinds (and releases the lock).
     threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
     return
