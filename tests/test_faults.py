@@ -678,7 +678,26 @@ def discover_pjrt_plugins():  # as JAX's: every exception of a plugin's initiali
     pass
 
 discover_pjrt_plugins()
+time.sleep(2)  # the work after the plugins are loaded, where the signal is delivered again
 print('went on')
+"""
+
+
+SIGNAL_IN_AN_ENDLESS_SWALLOWING_FUNCTION = """
+import os, signal, time
+from densenet_jax.training import stopping
+stopping.PATIENCE_S = 0.5
+stopping.install()
+
+def discover_pjrt_plugins():  # a plugin that hangs while it loads
+  os.kill(os.getpid(), signal.SIGTERM)
+  while True:
+    try:
+      time.sleep(1)
+    except:  # noqa: E722
+      pass
+
+discover_pjrt_plugins()
 """
 
 
@@ -699,13 +718,40 @@ print('went on')
 """
 
 
-@pytest.mark.parametrize('script', [SWALLOWED_SIGNAL, SIGNAL_IN_A_GC_CALLBACK], ids=['plugin loading', 'gc callback'])
+@pytest.mark.parametrize('script', [SWALLOWED_SIGNAL, SIGNAL_IN_A_GC_CALLBACK, SIGNAL_IN_AN_ENDLESS_SWALLOWING_FUNCTION],
+                         ids=['plugin loading', 'gc callback', 'hanging plugin'])
 def test_a_signal_where_jax_would_swallow_the_exit_still_ends_the_process(script):
   # A CUDA plugin spends seconds in JAX's plugin loading, whose bare except would drop the SystemExit; so does
   # Python for an exception of a garbage-collection callback (JAX has one).
   result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and stopping.MESSAGE in result.stderr, result.stderr
   assert 'went on' not in result.stdout
+
+
+SIGNAL_IN_AN_IMPORT_UNDER_THE_LOCK = """
+import os, sys, time
+from densenet_jax.io import lock
+from densenet_jax.training import stopping
+stopping.install()
+workdir, modules = sys.argv[1:]
+sys.path.insert(0, modules)
+with lock.held(workdir):
+  import slow_to_import  # as orbax or tensorboardX, imported on first use while the lock is held
+  time.sleep(2)
+  print('went on')
+"""
+
+
+def test_a_signal_during_an_import_waits_for_it_and_releases_the_workdir_lock(tmp_path):
+  modules = tmp_path / 'modules'
+  modules.mkdir()
+  (modules / 'slow_to_import.py').write_text(
+      'import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(1)\n')
+  result = subprocess.run([sys.executable, '-c', SIGNAL_IN_AN_IMPORT_UNDER_THE_LOCK, str(tmp_path), str(modules)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and stopping.MESSAGE in result.stderr, result.stderr
+  assert 'Traceback' not in result.stderr and 'went on' not in result.stdout
+  assert not (tmp_path / '.lock').exists()
 
 
 def _architecture(**fields):
