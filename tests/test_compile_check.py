@@ -281,6 +281,31 @@ def test_memory_efficient_recomputes_layers_and_stem_on_a_gpu():
   assert memory_efficient < 0.8 * unrolled, (unrolled, memory_efficient)
 
 
+GRADIENTS_SUMMED_ON_A_GPU = """
+from densenet_jax import compile_check
+compile_check.set_environment()
+import jax.numpy as jnp
+from densenet_jax import memory
+from densenet_jax.compile_check import targets
+from densenet_jax.model import imagenet_densenet, layers
+device = targets.gpus('h100').devices[0]
+model = imagenet_densenet((16,), 32, num_classes=10, memory_efficient=True, dtype=jnp.bfloat16)
+print(memory.train_step_temp_bytes(model, 32, (56, 56, 3), device=device))
+layers.sum_gradients_here = lambda features: features
+print(memory.train_step_temp_bytes(model, 32, (56, 56, 3), device=device))
+"""
+
+
+@needs_cuda_plugin
+def test_memory_efficient_sums_gradients_layer_by_layer_on_a_gpu():
+  result = subprocess.run([sys.executable, '-c', GRADIENTS_SUMMED_ON_A_GPU], cwd=ROOT, env=tool_environment(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summed, at_the_block_start = (int(line) for line in result.stdout.split())
+  # One block of 16 layers: 0.77x; XLA left alone keeps every layer's input gradient until the block's start.
+  assert summed < 0.85 * at_the_block_start, (summed, at_the_block_start)
+
+
 CODE_GENERATION_ON_A_GPU = """
 from densenet_jax import compile_check
 compile_check.set_environment()

@@ -6,17 +6,16 @@ Read this file to learn the architecture; it is the paper, written with Flax's o
   [x_0, ..., x_(l-1)] of every earlier feature map of its block; with a bottleneck ("B") BN-ReLU-Conv1x1(4k) first.
 * `DenseBlock`: L dense layers; its output concatenates the block input and all L new feature maps.
 * `Transition`: BN-ReLU-Conv1x1 to floor(theta * m) channels (the compression "C"), then 2x2 average pooling.
-* `DenseNet`: a stem (CIFAR: one 3x3 conv; ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max pool), dense blocks separated
-  by transitions, and BN-ReLU-global average pooling-fully connected.
+* `DenseNet`: a stem (CIFAR: 3x3 conv; ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max pool), blocks between transitions,
+  BN-ReLU-global average pooling-fully connected.
 
 Images are NHWC. With `memory_efficient=True` a dense layer keeps nothing for the backward pass and recomputes itself
-from the earlier feature maps, which its block keeps anyway (Pleiss et al., 2017, keep its bottleneck output too); the
-stem keeps only its conv's output. Activation memory grows linearly with depth, not quadratically, for the bottleneck
-convs computed twice. layers.BatchNorm is Flax's with the original code's running variance and optional groups.
+from the earlier feature maps, which its block keeps anyway (Pleiss et al., 2017, keep its bottleneck output too), the
+stem keeps only its conv's output, and gradients are summed layer by layer: memory grows linearly with depth, not
+quadratically, for the bottleneck convs computed twice. layers.BatchNorm is Flax's, with Torch's running variance.
 
-GPUs and TPUs compute with this form. The faster forms of forms/ (XLA:CPU kernels, scanned blocks, fused dropout
-masks) compute the same function with the same variables (tests/test_forms.py); `DenseNet` hands its layers to one
-when its form attributes ask for it.
+GPUs and TPUs compute with this form; the faster forms of forms/ compute the same function with the same variables
+(tests/test_forms.py), and `DenseNet` hands its layers to one when its form attributes ask for it.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax.model import forms
+from densenet_jax.model import forms, layers
 from densenet_jax.model.layers import BOTTLENECK_WIDTH, BatchNorm, conv_kernel_init, dense_kernel_init
 
 Array = jax.Array
@@ -115,6 +114,8 @@ class DenseBlock(_Module):
     features = [x]
     for i in range(self.num_layers):
       features.append(layer(**shared, name=f'layer{i + 1}')(features, train, keys[i]))
+      if self.memory_efficient:
+        features = layers.sum_gradients_here(features)
     return jnp.concatenate(features, axis=-1)
 
 
@@ -151,9 +152,8 @@ class DenseNet(_Module):
     input_channels: channels the input images must have (checked, with a clear message).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
     memory_efficient: recompute each dense layer, and the stem's BN-ReLU-max pool, in the backward pass.
-    kernels, layers_per_scan, dropout_masks: a faster form of the same function (forms/): 'xla' or 'cpu' kernels,
-      0 or n layers per `jax.lax.scan` (needs memory_efficient), 'jax' or 'elementwise' dropout masks (the same
-      bits); the defaults are this file's form. densenet_jax.platform.choose picks one per backend.
+    kernels, layers_per_scan, dropout_masks: a faster form (forms/): 'xla' or 'cpu' kernels, 0 or n layers per
+      `jax.lax.scan` (needs memory_efficient), 'jax' or 'elementwise' dropout masks; defaults: this file's form.
   """
 
   block_sizes: Sequence[int] = (6, 12, 24, 16)

@@ -1,5 +1,7 @@
 """The layer DenseNet needs beyond Flax's own, BatchNorm as the original code trains it, and its pure functions.
 
+`sum_gradients_here` marks where a dense block's backward pass sums the gradients of its feature maps.
+
 `BatchNorm` is flax.linen.BatchNorm (same variables, epsilon 1e-5, running averages with momentum 0.9) with two
 differences of the paper's recipes:
 
@@ -145,6 +147,18 @@ def normalize(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: floa
 def normalize_relu(x: Array, stats: Moments, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> Array:
   """relu(BatchNorm of x with `stats`), computed in float32 and cast to `dtype`."""
   return nn.relu(_scale_and_shift(x, stats, scale, bias, epsilon)).astype(dtype)
+
+
+@jax.custom_vjp
+def sum_gradients_here(features: list[Array]) -> list[Array]:
+  """The identity. In the backward pass, the gradients of `features` summed so far are computed here: XLA would
+  otherwise keep every dense layer's input gradient alive to sum them all at the block's start, in memory quadratic
+  in the block's depth."""
+  return features
+
+
+sum_gradients_here.defvjp(lambda features: (features, None),
+                          lambda _, gradients: (list(jax.lax.optimization_barrier(gradients)),))
 
 
 class BatchNorm(nn.Module):
