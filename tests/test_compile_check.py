@@ -256,52 +256,46 @@ def test_the_largest_batch_search_compiles_each_form(tmp_path):
   assert 'memory_efficient: 4096 per GPU does not fit' in result.stdout and 'memory_efficient:' in result.stdout
 
 
-MEMORY_EFFICIENT_ON_A_GPU = """
-from densenet_jax import compile_check
-compile_check.set_environment()
-import jax.numpy as jnp
-from densenet_jax import memory
-from densenet_jax.compile_check import targets
-from densenet_jax.model import imagenet_densenet
-device = targets.gpus('h100').devices[0]
-for memory_efficient in (False, True):
-  model = imagenet_densenet((2, 4), 16, num_classes=10, memory_efficient=memory_efficient, dtype=jnp.bfloat16)
-  print(memory.train_step_temp_bytes(model, 32, (224, 224, 3), device=device))
-"""
+def temp_bytes_on_an_h100(models: str) -> list[int]:
+  """The train-step temporaries, compiled for an H100, of each model that the code `models` prints as
+  `temp(model)` (it may import from densenet_jax.model and use jnp)."""
+  script = (
+      'from densenet_jax import compile_check\n'
+      'compile_check.set_environment()\n'
+      'import jax.numpy as jnp\n'
+      'from densenet_jax import memory\n'
+      'from densenet_jax.compile_check import targets\n'
+      'device = targets.gpus("h100").devices[0]\n'
+      'temp = lambda model, batch, image: print(memory.train_step_temp_bytes(model, batch, image, device=device))\n'
+      + models)
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=tool_environment(), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [int(line) for line in result.stdout.split()]
 
 
 @needs_cuda_plugin
 def test_memory_efficient_recomputes_layers_and_stem_on_a_gpu():
-  result = subprocess.run([sys.executable, '-c', MEMORY_EFFICIENT_ON_A_GPU], cwd=ROOT, env=tool_environment(),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  unrolled, memory_efficient = (int(line) for line in result.stdout.split())
+  unrolled, memory_efficient = temp_bytes_on_an_h100("""
+from densenet_jax.model import imagenet_densenet
+for memory_efficient in (False, True):
+  temp(imagenet_densenet((2, 4), 16, num_classes=10, memory_efficient=memory_efficient, dtype=jnp.bfloat16), 32,
+       (224, 224, 3))
+""")
   # Keeping each layer's bottleneck output and the stem's activations, as Pleiss et al. do, left this small
   # DenseNet 0.93x of the unrolled temporaries on an H100; recomputing them 0.74x.
   assert memory_efficient < 0.8 * unrolled, (unrolled, memory_efficient)
 
 
-GRADIENTS_SUMMED_ON_A_GPU = """
-from densenet_jax import compile_check
-compile_check.set_environment()
-import jax.numpy as jnp
-from densenet_jax import memory
-from densenet_jax.compile_check import targets
-from densenet_jax.model import imagenet_densenet, layers
-device = targets.gpus('h100').devices[0]
-model = imagenet_densenet((16,), 32, num_classes=10, memory_efficient=True, dtype=jnp.bfloat16)
-print(memory.train_step_temp_bytes(model, 32, (56, 56, 3), device=device))
-layers.sum_gradients_here = lambda features: features
-print(memory.train_step_temp_bytes(model, 32, (56, 56, 3), device=device))
-"""
-
-
 @needs_cuda_plugin
 def test_memory_efficient_sums_gradients_layer_by_layer_on_a_gpu():
-  result = subprocess.run([sys.executable, '-c', GRADIENTS_SUMMED_ON_A_GPU], cwd=ROOT, env=tool_environment(),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  summed, at_the_block_start = (int(line) for line in result.stdout.split())
+  summed, at_the_block_start = temp_bytes_on_an_h100("""
+from densenet_jax.model import imagenet_densenet, layers
+model = imagenet_densenet((16,), 32, num_classes=10, memory_efficient=True, dtype=jnp.bfloat16)
+temp(model, 32, (56, 56, 3))
+layers.sum_gradients_here = lambda features: features
+temp(model, 32, (56, 56, 3))
+""")
   # One block of 16 layers: 0.77x; XLA left alone keeps every layer's input gradient until the block's start.
   assert summed < 0.85 * at_the_block_start, (summed, at_the_block_start)
 
