@@ -29,7 +29,7 @@ flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over the data
 flags.DEFINE_list('chips_per_host_bounds', None, "Chips per host, e.g. '2,2,2' (libtpu's default: 2,2,1).")
 flags.DEFINE_list('steps', ['train', 'eval'], 'Steps to compile: train, eval or both.')
 flags.DEFINE_bool('max_batch', False, 'Search for the largest batch per device whose train step fits, per block '
-                  'form (about 2 log2(batch / resolution) compiles each).')
+                  'form (mostly 3 compiles each, from the config\'s batch).')
 flags.DEFINE_list('forms', list(search.FORMS), f'Block forms for --max_batch: {", ".join(search.FORMS)}.')
 flags.DEFINE_integer('batch_resolution', 8, '--max_batch finds the largest multiple of this per device.', lower_bound=1)
 flags.DEFINE_string('json', None, 'Also write the whole report to this JSON file.')
@@ -60,8 +60,10 @@ def max_batch(chosen: targets.Target) -> None:
   if unknown:
     raise SystemExit(f'Error: unknown --forms {sorted(unknown)}; known: {", ".join(search.FORMS)}.')
 
-  def tried(form, batch, fits):
-    print(f'  {form}: {batch} per {chosen.unit} {"fits" if fits else "does not fit"}', flush=True)
+  def tried(form, batch, fraction):
+    verdict = ('XLA refuses it' if fraction is None else
+               f'{100 * fraction:.0f}% of its memory: {"fits" if fraction <= 1 else "does not fit"}')
+    print(f'  {form}: {batch} per {chosen.unit}, {verdict}', flush=True)
 
   found = cli.run_reporting_failures(lambda: search.search(
       FLAGS.config, chosen, FLAGS.forms, resolution=FLAGS.batch_resolution, on_try=tried))

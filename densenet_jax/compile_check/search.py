@@ -25,59 +25,74 @@ def with_batch(config: ml_collections.ConfigDict, batch_size: int, form: dict[st
   return changed
 
 
-def largest_batch(fits: Callable[[int], dict | None], start: int, step: int, limit: int) -> tuple[int, dict | None]:
-  """The largest multiple of `step` (at most `limit`) for which `fits` returns a result, and that result; (0,
-  None) when not even `step` fits. Doubles from `start` until one does not fit, then bisects: about
-  2 log2(largest / step) calls. Assumes what fits at n also fits below n."""
-  n = max(step, start // step * step)
-  result = fits(n)
-  if result is None:
-    high = n
-    while result is None and n > step:
-      high, n = n, max(step, n // 2 // step * step)
-      result = fits(n)
-    if result is None:
-      return 0, None
-  else:
-    high = None
-    while high is None:
-      if n >= limit:
-        return n, result
-      larger = min(n * 2, limit // step * step)
-      found = fits(larger)
-      if found is None:
-        high = larger
-      else:
-        n, result = larger, found
-  low = n
-  while high - low > step:
-    middle = (low + high) // 2 // step * step
-    found = fits(middle)
-    low, high, result = (middle, high, found) if found is not None else (low, middle, result)
-  return low, result
+def largest_batch(peak: Callable[[int], float | None], start: int, step: int, limit: int) -> int:
+  """The largest multiple of `step`, at most `limit`, whose `peak` (the step's peak memory as a fraction of the
+  device's; None where the compiler refuses the step) is at most 1; 0 when not even `step` fits.
+
+  Peak memory grows about linearly with the batch, so each try is where a line through the tries nearest the
+  device's memory (through zero after one try) reaches it: mostly three or four compiles, `start`, one or two
+  predictions and one step more. Where the line misleads (near the limit XLA rematerializes; a refusal gives no
+  figure), the search doubles the largest fit, or bisects once a try has not fit and two tries in a row fell on
+  one side. Assumes that what fits at n also fits below n."""
+  top = limit // step * step
+  fractions: dict[int, float | None] = {}
+  n, streak, last_fit, line_holds, foretold = min(max(step, start // step * step), top), 0, None, True, None
+  while True:
+    fractions[n] = peak(n)
+    fit = fractions[n] is not None and fractions[n] <= 1
+    streak, last_fit = (streak + 1 if fit == last_fit else 1), fit
+    low = max((m for m, f in fractions.items() if f is not None and f <= 1), default=0)
+    high = min((m for m in fractions if m > low), default=None)
+    if low >= top or (high is not None and high - low <= step):
+      return low
+    # A line through two tries that foretold wrong, or that creeps up on a bracket, is left for bisection.
+    line_holds = line_holds and foretold in (None, fit) and (not low or high is None or streak < 2)
+    crossing = _where_the_line_reaches_one(fractions) if line_holds else None
+    follow = crossing is not None and crossing >= low
+    n = crossing if follow else 2 * low if high is None else (low + high) // 2
+    n = min(max(int(n) // step * step, low + step), top if high is None else high - step)
+    two_tries = sum(f is not None for f in fractions.values()) >= 2  # not a line through zero
+    foretold = n <= crossing if follow and two_tries else None  # what the line says of n: fits or not
+
+
+def _where_the_line_reaches_one(fractions: dict[int, float | None]) -> float | None:
+  """The batch at which the line through the two tries nearest to fitting exactly (one on each side where there
+  are both) reaches a fraction of 1; through zero where only one try has a figure."""
+  known = sorted((n, f) for n, f in fractions.items() if f is not None)
+  below, above = [p for p in known if p[1] <= 1], [p for p in known if p[1] > 1]
+  pair = below[-1:] + above[:1] if below and above else below[-2:] or above[:2]
+  if len(pair) == 1:
+    pair.insert(0, (0, 0.0))
+  if not pair or pair[1][1] <= pair[0][1]:
+    return None
+  (a, fa), (b, fb) = pair
+  return a + (1 - fa) * (b - a) / (fb - fa)
 
 
 def search(config: ml_collections.ConfigDict, target: targets.Target, forms=tuple(FORMS), *,
-           resolution: int = 8, limit: int = 65536, on_try: Callable[[str, int, bool], None] | None = None
+           resolution: int = 8, limit: int = 65536, on_try: Callable[[str, int, float | None], None] | None = None
            ) -> dict[str, dict]:
   """{form: {'batch_per_device', 'run'}}: the largest per-device batch (a multiple of `resolution` and of the
-  config's BatchNorm group) whose train step compiles and fits the device's memory, for each form."""
+  config's BatchNorm group) whose train step compiles and fits the device's memory, for each form, searched from
+  the config's batch. `on_try(form, batch, fraction)` hears of each compile (fraction None: XLA refused)."""
   devices = target.layout()['chips']
   step = math.lcm(resolution, config.get('batch_norm_group_size') or 1)
   start = max(step, config.batch_size // devices)
   found = {}
   for form in forms:
+    runs = {}
 
-    def fits(per_device: int, form=form) -> dict | None:
+    def peak(per_device: int, form=form, runs=runs) -> float | None:
       try:
-        run = check.run_check(with_batch(config, per_device * devices, FORMS[form]), target, which=('train',))
-        ok = run['steps']['train']['memory']['fraction_of_hbm'] <= 1
+        runs[per_device] = check.run_check(with_batch(config, per_device * devices, FORMS[form]), target,
+                                           which=('train',))
+        fraction = runs[per_device]['steps']['train']['memory']['fraction_of_hbm']
       except check.DoesNotFitError:
-        run, ok = None, False
+        fraction = None
       if on_try:
-        on_try(form, per_device, ok)
-      return run if ok else None
+        on_try(form, per_device, fraction)
+      return fraction
 
-    batch, run = largest_batch(fits, start, step, limit)
-    found[form] = {'batch_per_device': batch, 'run': run}
+    batch = largest_batch(peak, start, step, limit)
+    found[form] = {'batch_per_device': batch, 'run': runs.get(batch)}
   return found
