@@ -49,9 +49,13 @@ def largest_batch(peak: Callable[[int], float | None], start: int, step: int, li
     line_holds = line_holds and foretold in (None, fit) and (not low or high is None or streak < 2)
     crossing = _where_the_line_reaches_one(fractions) if line_holds else None
     follow = crossing is not None and crossing >= low
-    n = crossing if follow else 2 * low if high is None else (low + high) // 2
-    n = min(max(int(n) // step * step, low + step), top if high is None else high - step)
     two_tries = sum(f is not None for f in fractions.values()) >= 2  # not a line through zero
+    n = crossing if follow else 2 * low if high is None else (low + high) // 2
+    if follow and two_tries and high is None:
+      # Near the limit XLA rematerializes, and two tries can lie on an almost flat line: go at most 4x beyond the
+      # largest fit, or twice as far as peak memory proportional to the batch would allow.
+      n = min(n, max(4 * low, 2 * low / fractions[low]))
+    n = min(max(int(n) // step * step, low + step), top if high is None else high - step)
     foretold = n <= crossing if follow and two_tries else None  # what the line says of n: fits or not
 
 
