@@ -75,7 +75,10 @@ def test_a_full_disk_stops_the_run_with_one_paragraph_and_a_rerun_after_freeing_
   assert kept[-1] < 33, 'the run ended before the disk filled: the filler is too small'
   for step in kept:
     step_dir = str(tmp_path / 'after_failure' / 'checkpoints' / str(step))
-    assert integrity.has_checksums(step_dir) and integrity.problem(step_dir) is None
+    # The newest may have filled the disk while its checksums were written: it then stays, unverified
+    # (docs/faults.md). Every older one has them.
+    assert integrity.has_checksums(step_dir) or step == kept[-1], step
+    assert integrity.problem(step_dir) is None
     checkpoints.load_variables(step_dir)
 
   second_err = (tmp_path / 'second.err').read_text()
