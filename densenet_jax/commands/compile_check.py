@@ -29,7 +29,7 @@ flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over the data
 flags.DEFINE_list('chips_per_host_bounds', None, "Chips per host, e.g. '2,2,2' (libtpu's default: 2,2,1).")
 flags.DEFINE_list('steps', ['train', 'eval'], 'Steps to compile: train, eval or both.')
 flags.DEFINE_bool('max_batch', False, 'Search for the largest batch per device whose train step fits, per block '
-                  'form (mostly 3 compiles each, from the config\'s batch).')
+                  'form (mostly 3 or 4 compiles each, from the config\'s batch).')
 flags.DEFINE_list('forms', list(search.FORMS), f'Block forms for --max_batch: {", ".join(search.FORMS)}.')
 flags.DEFINE_integer('batch_resolution', 8, '--max_batch finds the largest multiple of this per device.', lower_bound=1)
 flags.DEFINE_string('json', None, 'Also write the whole report to this JSON file.')

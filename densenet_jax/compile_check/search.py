@@ -36,7 +36,9 @@ def largest_batch(peak: Callable[[int], float | None], start: int, step: int, li
   one side. Assumes that what fits at n also fits below n."""
   top = limit // step * step
   fractions: dict[int, float | None] = {}
-  n, streak, last_fit, line_holds, foretold = min(max(step, start // step * step), top), 0, None, True, None
+  n = min(max(step, start // step * step), top)
+  streak, last_fit = 0, None  # tries in a row with the same outcome, and that outcome
+  line_holds, foretold = True, None  # whether the line still leads the search; what it said of the next try
   while True:
     fractions[n] = peak(n)
     fit = fractions[n] is not None and fractions[n] <= 1
